@@ -1,0 +1,634 @@
+"""The three games: Matrix games, TicTacToe and Who's the Spy, behind one turn-based text protocol.
+
+    game = make(name, split="train"|"test", **options)
+    game.reset(seed)            # same seed -> same game, bit for bit
+    game.num_seats, game.to_move (None once over), game.learner_seat
+    game.prompt(seat) -> str    # what that seat sees now
+    game.step(seat, reply) -> bool   # False for an invalid reply; the state is then unchanged
+    game.done, game.rewards     # one float per seat, final once done
+
+A reply carries its move inside <answer>...</answer>. An invalid reply costs its seat INVALID_PENALTY on
+the final reward and the seat tries again (the next prompt says why); after `max_tries` invalid replies in
+a row for one move the seat forfeits, which counts as a loss (reward 0 before penalties).
+
+Every seat can be played without a language model: `game.scripted_reply(seat)` is the game's scripted
+opponent (the expert answer for Matrix, random/expert/eps:P for TicTacToe, the lexicon player for Spy) and
+`game.random_reply(seat)` a uniformly random legal move. `python games.py` prints one transcript of each
+game (`python evaluate.py --baselines 1000` measures scripted and random play).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import random
+import re
+
+import numpy as np
+
+INVALID_PENALTY = -0.1
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+
+
+def parse_answer(text) -> str | None:
+    """The inside of the last complete <answer>...</answer> in `text`, stripped; None if there is none."""
+    if not isinstance(text, str):
+        return None
+    end = text.rfind(ANSWER_CLOSE)
+    if end < 0:
+        return None
+    start = text.rfind(ANSWER_OPEN, 0, end)
+    return None if start < 0 else text[start + len(ANSWER_OPEN):end].strip()
+
+
+def answer(move: str) -> str:
+    return f"{ANSWER_OPEN}{move}{ANSWER_CLOSE}"
+
+
+class Game:
+    """Shared bookkeeping: turn order, invalid replies, penalties, forfeits, rewards."""
+    name = "game"
+    num_seats = 1
+
+    def __init__(self, split: str = "train", max_tries: int = 3):
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if max_tries < 1:
+            raise ValueError("max_tries must be at least 1")
+        self.split, self.max_tries = split, max_tries
+
+    def reset(self, seed: int) -> "Game":
+        self.seed = seed
+        self.rng = random.Random(seed)                    # the game itself: roles, words, openings, ties
+        self.opponent_rng = random.Random(f"{seed}:players")  # scripted and random players' choices
+        n = self.num_seats
+        self.learner_seat = 0
+        self.invalid = [0] * n       # invalid replies so far, per seat
+        self.tries = [0] * n         # invalid replies in a row for the current move
+        self.error = [None] * n      # why the last reply was invalid, shown in the next prompt
+        self.forfeited = [False] * n
+        self.base = [0.0] * n        # game reward before penalties
+        self.to_move = 0
+        return self
+
+    @property
+    def done(self) -> bool:
+        return self.to_move is None
+
+    @property
+    def rewards(self) -> list[float]:
+        return [(0.0 if f else b) + INVALID_PENALTY * k for b, f, k in zip(self.base, self.forfeited, self.invalid)]
+
+    def outcome(self, seat: int) -> str:
+        """'win', 'draw' or 'loss' for a finished game (Matrix: a correct answer is a win)."""
+        base = 0.0 if self.forfeited[seat] else self.base[seat]
+        return "win" if base == 1.0 else "draw" if base == 0.5 else "loss"
+
+    def step(self, seat: int, reply: str) -> bool:
+        if self.done or seat != self.to_move:
+            return False  # not this seat's turn: a caller error, nothing changes
+        move = parse_answer(reply)
+        error = f"no {ANSWER_OPEN}...{ANSWER_CLOSE} found" if move is None else self._apply(seat, move)
+        if error is None:
+            self.tries[seat], self.error[seat] = 0, None
+            return True
+        self.invalid[seat] += 1
+        self.tries[seat] += 1
+        self.error[seat] = error[:200]
+        if self.tries[seat] >= self.max_tries:
+            self.forfeited[seat] = True
+            self._forfeit(seat)
+        return False
+
+    def prompt(self, seat: int) -> str:
+        text = self._prompt(seat)
+        if self.error[seat]:
+            text = (f"Your last reply was invalid: {self.error[seat]}. "
+                    f"Try {self.tries[seat] + 1} of {self.max_tries}.\n") + text
+        return text
+
+    # Each game implements these.
+    def _apply(self, seat: int, move: str) -> str | None: ...
+    def _forfeit(self, seat: int) -> None: ...
+    def _prompt(self, seat: int) -> str: ...
+    def scripted_reply(self, seat: int) -> str: ...
+    def random_reply(self, seat: int) -> str: ...
+
+
+# ---------------------------------------------------------------------------------------------- Matrix
+MATRIX_GAMES = {  # name: (A = Player 1's payoffs, B = Player 2's); rows are Player 1's actions
+    "prisoners_dilemma": ([[3, 0], [5, 1]], [[3, 5], [0, 1]]),
+    "battle_of_sexes": ([[2, 0], [0, 1]], [[1, 0], [0, 2]]),
+    "chicken": ([[-10, 1], [-1, 0]], [[-10, -1], [1, 0]]),
+    "stag_hunt": ([[3, 0], [1, 1]], [[3, 1], [0, 1]]),
+    "radio_station": ([[25, 50, 50], [30, 15, 30], [20, 20, 10]], [[25, 30, 20], [50, 15, 20], [50, 30, 10]]),
+    "iesds": ([[13, 1, 7], [4, 3, 6], [-1, 2, 8]], [[3, 4, 3], [1, 3, 2], [2, 3, -1]]),
+    "duopoly": ([[0, 0, 0, 0, 0, 0], [9, 7, 5, 3, 1, -1], [14, 10, 6, 2, -2, -2], [15, 9, 3, -3, -3, -3],
+                 [12, 4, -4, -4, -4, -4], [5, -5, -5, -5, -5, -5]],
+                [[0, 9, 14, 15, 12, 5], [0, 7, 10, 9, 4, -5], [0, 5, 6, 3, -4, -5], [0, 3, 2, -3, -4, -5],
+                 [0, 1, -2, -3, -4, -5], [0, -1, -2, -3, -4, -5]]),
+    "game_3x4": ([[1, -1, 5, 1], [2, 1, 3, 5], [1, 0, 1, 0]], [[1, 2, 0, 1], [3, 2, 0, 1], [1, 5, 7, 1]]),
+    "weakly_dominated": ([[5, 4], [6, 3], [6, 4]], [[1, 0], [0, 1], [4, 1]]),
+}
+NEGATABLE = list(MATRIX_GAMES)[:7]
+
+
+def pure_equilibria(A: np.ndarray, B: np.ndarray) -> list[tuple[int, int]]:
+    """Cells where each player's action is a best response to the other's."""
+    return [(i, j) for i in range(A.shape[0]) for j in range(A.shape[1])
+            if A[i, j] >= A[:, j].max() and B[i, j] >= B[i, :].max()]
+
+
+def mixed_equilibria(A: np.ndarray, B: np.ndarray, tol: float = 1e-9) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Support enumeration over equal-size supports: each side's mix makes the other indifferent on its support."""
+    def indifferent_mix(M: np.ndarray) -> np.ndarray | None:  # q with M q = v * 1, sum q = 1
+        k = M.shape[1]
+        lhs = np.block([[M, -np.ones((M.shape[0], 1))], [np.ones((1, k)), np.zeros((1, 1))]])
+        try:
+            sol = np.linalg.solve(lhs, np.r_[np.zeros(M.shape[0]), 1.0])
+        except np.linalg.LinAlgError:
+            return None
+        return sol[:k] if (sol[:k] >= -tol).all() else None
+
+    found = []
+    m, n = A.shape
+    for k in range(1, min(m, n) + 1):
+        for rows, cols in itertools.product(itertools.combinations(range(m), k), itertools.combinations(range(n), k)):
+            y_s = indifferent_mix(A[np.ix_(rows, cols)])
+            x_s = indifferent_mix(B[np.ix_(rows, cols)].T)
+            if x_s is None or y_s is None:
+                continue
+            x, y = np.zeros(m), np.zeros(n)
+            x[list(rows)], y[list(cols)] = x_s, y_s
+            if (A @ y).max() <= x @ A @ y + tol and (x @ B).max() <= x @ B @ y + tol:  # no profitable deviation
+                found.append((x, y))
+    return found
+
+
+def correct_actions(A, B, player: int) -> list[int]:
+    """0-based actions of `player` (1 or 2) that SPEC.md's rule counts as correct.
+
+    Pure equilibria exist: keep those with the highest joint payoff; every action the player takes in one
+    of them is correct. Otherwise: the most probable action(s) of the player's mixed equilibrium strategy."""
+    A, B = np.asarray(A, float), np.asarray(B, float)
+    pure = pure_equilibria(A, B)
+    if pure:
+        best = max(A[e] + B[e] for e in pure)
+        return sorted({e[player - 1] for e in pure if A[e] + B[e] == best})
+    strategy = mixed_equilibria(A, B)[0][player - 1]
+    return [int(a) for a in np.flatnonzero(strategy >= strategy.max() - 1e-9)]
+
+
+def _each(A, B, cell: str, sep: str = "\n", by_column: bool = False) -> str:
+    """Render every cell with the format `cell` over i, j (1-based actions), a (P1's payoff), b (P2's)."""
+    cells = [(i, j) for i in range(len(A)) for j in range(len(A[0]))]
+    cells.sort(key=(lambda c: c[::-1]) if by_column else None)
+    return sep.join(cell.format(i=i + 1, j=j + 1, a=A[i][j], b=B[i][j]) for i, j in cells)
+
+
+MATRIX_TEMPLATES = {  # name -> render(A, B); the "test" ones are only seen on the held-out split
+    "train": {
+        "table": lambda A, B: "Payoffs (row player, column player):\n       " + "".join(
+            f"col {j + 1:<5}" for j in range(len(A[0]))).rstrip() + "".join(
+            f"\nrow {i + 1}: " + "".join(f"{f'{a},{b}':<9}" for a, b in zip(A[i], B[i])).rstrip() for i in range(len(A))),
+        "cells": lambda A, B: _each(A, B, "Row {i}, Column {j}: Player 1 gets {a}, Player 2 gets {b}."),
+        "story": lambda A, B: "Two rivals each pick a plan in secret.\n" + _each(
+            A, B, "Plans {i} and {j}: the first earns {a}, the second earns {b}."),
+        "arrays": lambda A, B: f"A = {A}\nB = {B}\nA: Player 1's payoffs, B: Player 2's; rows are Player 1's actions.",
+        "csv": lambda A, B: "p1_action,p2_action,p1_payoff,p2_payoff\n" + _each(A, B, "{i},{j},{a},{b}"),
+        "json": lambda A, B: "{" + _each(A, B, '"{i},{j}": [{a}, {b}]', ", ")
+        + "}\nKeys: 'P1 action,P2 action'; values: [P1 payoff, P2 payoff].",
+        "pairs": lambda A, B: _each(A, B, "({i},{j}) -> ({a},{b})") + "\n(P1 action,P2 action) -> (P1 payoff,P2 payoff)",
+    },
+    "test": {
+        "by_column": lambda A, B: "Outcomes listed by Player 2's action:\n" + _each(
+            A, B, "P2 plays {j}, P1 plays {i}: P2 gets {b}, P1 gets {a}.", by_column=True),
+        "sentences": lambda A, B: _each(
+            A, B, "If Player 1 plays {i} and Player 2 plays {j}, they receive {a} and {b} respectively.", " "),
+    },
+}
+
+
+class MatrixGame(Game):
+    """One-shot bimatrix game: the single seat is Player 1 or Player 2 and names an action (1-based)."""
+    name, num_seats = "matrix", 1
+
+    def __init__(self, split="train", max_tries=3, game: str | None = None):
+        super().__init__(split, max_tries)
+        if game is not None and game not in MATRIX_GAMES:
+            raise ValueError(f"unknown matrix game {game!r}; valid: {', '.join(MATRIX_GAMES)}")
+        self.fixed_game = game
+
+    def reset(self, seed):
+        super().reset(seed)
+        rng = self.rng
+        self.game_name = self.fixed_game or rng.choice(list(MATRIX_GAMES))
+        A, B = (np.array(m) for m in MATRIX_GAMES[self.game_name])
+        self.negated = self.game_name in NEGATABLE and rng.random() < 0.5
+        if self.negated:
+            A, B = -A, -B
+        self.offset = rng.choice([0, 100, -100])
+        self.A, self.B = (A + self.offset).tolist(), (B + self.offset).tolist()
+        self.role = rng.choice([1, 2])
+        self.template = rng.choice(list(MATRIX_TEMPLATES[self.split]))
+        self.correct = correct_actions(self.A, self.B, self.role)
+        self.num_actions = len(self.A) if self.role == 1 else len(self.A[0])
+        self.choice = None
+        return self
+
+    def _prompt(self, seat):
+        return (f"A one-shot game between two players.\n{MATRIX_TEMPLATES[self.split][self.template](self.A, self.B)}\n"
+                f"You are Player {self.role}. Choose your action, a number from 1 to {self.num_actions}, "
+                f"and reply with {answer('number')}.")
+
+    def _apply(self, seat, move):
+        found = re.fullmatch(r"(?:action\s*)?(\d{1,3})\.?", move, re.IGNORECASE)
+        if not found or not 1 <= int(found.group(1)) <= self.num_actions:
+            return f"the answer must be an action number from 1 to {self.num_actions}"
+        self.choice = int(found.group(1)) - 1
+        self.base[0] = 1.0 if self.choice in self.correct else 0.0
+        self.to_move = None
+
+    def _forfeit(self, seat):
+        self.to_move = None
+
+    def scripted_reply(self, seat):
+        return answer(str(self.opponent_rng.choice(self.correct) + 1))
+
+    def random_reply(self, seat):
+        return answer(str(self.opponent_rng.randrange(self.num_actions) + 1))
+
+
+# ------------------------------------------------------------------------------------------- TicTacToe
+LINES = [(0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4, 8), (2, 4, 6)]
+
+
+def winner(board: str) -> str | None:
+    """'X' or 'O' for three in a line, else None. A board is a 9-character string of 'X', 'O' and '.'."""
+    for a, b, c in LINES:
+        if board[a] != "." and board[a] == board[b] == board[c]:
+            return board[a]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def minimax(board: str, mark: str) -> int:
+    """Value of `board` for `mark`, who is to move: >0 a forced win (sooner is larger), 0 a draw, <0 a loss."""
+    other = "O" if mark == "X" else "X"
+    if winner(board) == other:
+        return -(1 + board.count("."))
+    if "." not in board:
+        return 0
+    return max(-minimax(board[:i] + mark + board[i + 1:], other) for i in range(9) if board[i] == ".")
+
+
+def expert_moves(board: str, mark: str) -> list[int]:
+    """All cells (0-8) that keep the minimax value of the position for `mark`."""
+    other = "O" if mark == "X" else "X"
+    values = {i: -minimax(board[:i] + mark + board[i + 1:], other) for i in range(9) if board[i] == "."}
+    best = max(values.values())
+    return [i for i, v in values.items() if v == best]
+
+
+def parse_opponent(spec: str) -> float:
+    """TicTacToe opponent spec -> probability of a random move: random 1, expert 0, eps:P P."""
+    if spec in ("random", "expert"):
+        return 1.0 if spec == "random" else 0.0
+    found = re.fullmatch(r"eps:([0-9]*\.?[0-9]+)", spec)
+    if not found or not 0 <= float(found.group(1)) <= 1:
+        raise ValueError(f"tictactoe opponent must be random, expert or eps:P with 0<=P<=1, got {spec!r}")
+    return float(found.group(1))
+
+
+class TicTacToe(Game):
+    """3x3 TicTacToe. Marks (X/O), who moves first and the learner's seat are drawn at reset."""
+    name, num_seats = "tictactoe", 2
+
+    def __init__(self, split="train", max_tries=3, opponent: str = "random", opening_rounds: int = 0):
+        super().__init__(split, max_tries)
+        self.opponent, self.random_prob = opponent, parse_opponent(opponent)
+        if opening_rounds not in (0, 1):
+            raise ValueError("opening_rounds must be 0 or 1")
+        self.opening_rounds = opening_rounds
+
+    def reset(self, seed):
+        super().reset(seed)
+        self.board = "." * 9
+        self.learner_seat = self.rng.randrange(2)
+        self.marks = ("X", "O") if self.rng.random() < 0.5 else ("O", "X")
+        self.to_move = self.rng.randrange(2)
+        for _ in range(self.opening_rounds * 2):  # one random move by each side before the real game
+            self._place(self.to_move, self.rng.choice(self.legal_moves()))
+        return self
+
+    def legal_moves(self) -> list[int]:
+        return [i for i, c in enumerate(self.board) if c == "."]
+
+    def _place(self, seat, cell):
+        self.board = self.board[:cell] + self.marks[seat] + self.board[cell + 1:]
+        if winner(self.board):
+            self.base[seat], self.to_move = 1.0, None
+        elif "." not in self.board:
+            self.base, self.to_move = [0.5, 0.5], None
+        else:
+            self.to_move = 1 - seat
+
+    def render(self) -> str:
+        return "  1 2 3\n" + "\n".join(f"{r + 1} " + " ".join(self.board[3 * r:3 * r + 3]) for r in range(3))
+
+    def _prompt(self, seat):
+        free = " ".join(f"({i // 3 + 1},{i % 3 + 1})" for i in self.legal_moves())
+        return (f"TicTacToe. You play {self.marks[seat]}; three in a row wins.\n{self.render()}\n"
+                f"Free cells: {free}\nReply with your move as {answer('(row,col)')}.")
+
+    def _apply(self, seat, move):
+        found = re.fullmatch(r"\(?\s*(\d)\s*,\s*(\d)\s*\)?", move)
+        if not found or not all(1 <= int(g) <= 3 for g in found.groups()):
+            return "a move is (row,col) with row and column from 1 to 3"
+        cell = (int(found.group(1)) - 1) * 3 + int(found.group(2)) - 1
+        if self.board[cell] != ".":
+            return f"cell ({found.group(1)},{found.group(2)}) is taken"
+        self._place(seat, cell)
+
+    def _forfeit(self, seat):
+        self.base[1 - seat], self.to_move = 1.0, None
+
+    def _reply(self, cell):
+        return answer(f"({cell // 3 + 1},{cell % 3 + 1})")
+
+    def scripted_reply(self, seat):
+        if self.opponent_rng.random() < self.random_prob:
+            return self.random_reply(seat)
+        return self._reply(self.opponent_rng.choice(expert_moves(self.board, self.marks[seat])))
+
+    def random_reply(self, seat):
+        return self._reply(self.opponent_rng.choice(self.legal_moves()))
+
+
+# ------------------------------------------------------------------------------------- Who's the Spy
+# One pair per line: "word / word: attributes of both | attributes of the first only | of the second only".
+LEXICON_TEXT = """\
+coffee / tea: hot drink, cup, caffeine | beans, espresso, roasted | leaves, kettle, herbal
+cat / dog: pet, fur, tail | meow, purr, litter box | bark, fetch, leash
+apple / pear: fruit, orchard, juicy | red, pie, cider | bell shape, grainy, green skin
+piano / guitar: instrument, music, notes | keys, pedals, grand | strings, strum, frets
+sun / moon: sky, round, light | daytime, hot, solar | night, craters, tides
+river / lake: water, fish, boat | flowing, current, delta | still, shore, frozen
+train / bus: passengers, ticket, timetable | rails, station, carriages | road, city stops, double decker
+pen / pencil: writing, paper, school | ink, cap, ballpoint | graphite, eraser, sharpener
+beach / desert: sand, hot, sunburn | waves, swimming, seashells | cactus, dunes, camel
+doctor / nurse: hospital, patients, medicine | diagnosis, surgeon, prescription | care, shifts, injections
+rose / tulip: flower, garden, petals | thorns, romance, valentine | bulb, holland, spring
+soccer / basketball: ball, team, sport | goal, kick, pitch | hoop, dribble, court
+winter / summer: season, weather, holiday | snow, cold, scarf | heat, vacation, sunscreen
+pizza / burger: fast food, cheese, dinner | slice, oven, italian | bun, patty, grill
+chair / sofa: furniture, sit, living room | legs, desk, wooden | cushions, nap, three seats
+umbrella / raincoat: rain, wet, stay dry | open, handle, folding | hood, wear, pockets
+lion / tiger: big cat, predator, roar | mane, pride, savanna | stripes, jungle, orange
+ship / airplane: travel, captain, crew | sea, anchor, port | wings, runway, pilot
+book / movie: story, characters, plot | pages, chapters, library | screen, cinema, popcorn
+bread / cake: baked, flour, oven | sandwich, toast, loaf | birthday, candles, frosting
+milk / juice: drink, glass, breakfast | cow, white, dairy | orange, squeezed, fruit
+shoes / socks: feet, pair, wear | laces, heels, sole | cotton, warm, drawer
+mountain / hill: high, climb, slope | peak, snowy, altitude | gentle, grassy, small
+car / bicycle: ride, wheels, road | engine, fuel, steering | pedals, helmet, chain
+phone / computer: screen, internet, electronic | call, pocket, ringtone | keyboard, mouse, desk
+bee / butterfly: insect, wings, flowers | honey, sting, hive | colorful, caterpillar, cocoon
+ice cream / yogurt: cold, dessert, creamy | cone, scoop, sprinkles | breakfast, healthy, probiotic
+teacher / student: school, classroom, lessons | grades, lecture, chalk | homework, exams, backpack
+wolf / fox: wild, forest, hunt | pack, howl, full moon | red, clever, bushy tail
+knife / fork: cutlery, kitchen, metal | sharp, cut, blade | prongs, spaghetti, tines
+candle / lamp: light, room, night | wax, flame, wick | bulb, switch, electric
+clock / watch: time, hands, tick | wall, alarm, tower | wrist, strap, wear
+salt / sugar: white, crystals, kitchen | sea, savory, pepper | sweet, candy, dessert
+honey / jam: sweet, jar, toast | bees, golden, sticky | strawberry, fruit, preserve
+castle / palace: king, royal, large | walls, moat, towers | gold, ballroom, luxury
+police / firefighter: emergency, uniform, siren | handcuffs, arrest, badge | hose, flames, ladder
+violin / cello: strings, bow, orchestra | chin, small, fiddle | large, deep sound, sit
+banana / mango: fruit, tropical, yellow | peel, monkey, bunch | seed, juicy, smoothie
+shark / dolphin: ocean, fins, swim | teeth, jaws, dangerous | smart, friendly, clicks
+jacket / sweater: wear, warm, cold days | zipper, pockets, waterproof | wool, knitted, pullover
+bed / hammock: sleep, rest, lie down | mattress, pillow, headboard | swing, rope, garden
+chess / checkers: board game, pieces, strategy | king, queen, checkmate | jump, red and black, crown
+rice / pasta: grain, boil, dinner | asian, chopsticks, sushi | italian, noodles, sauce
+owl / eagle: bird, feathers, claws | night, hoot, wise | soar, bald, mountains
+snake / lizard: reptile, scales, cold blooded | venom, slither, no legs | legs, tail, sunbathing
+forest / jungle: trees, wild, green | pine, deer, hiking | tropical, vines, humid
+nail / screw: metal, wood, hardware | hammer, pound, flat head | twist, thread, drill
+mirror / window: glass, frame, wall | reflect, bathroom, vanity | view, curtains, open
+cloud / fog: mist, white, grey | rain, fluffy, float | ground, thick, cannot see
+pirate / sailor: ship, sea, crew | treasure, parrot, eye patch | navy, uniform, knots
+ghost / vampire: scary, night, halloween | white sheet, haunt, boo | blood, fangs, bat
+ketchup / mustard: sauce, bottle, hot dog | tomato, red, fries | yellow, spicy, seeds
+glasses / contact lenses: vision, eyes, optician | frames, nose, case | invisible, finger, solution
+cookie / cracker: snack, crunchy, baked | chocolate chips, sweet, milk | salty, cheese, savory
+hospital / pharmacy: medicine, health, sick | beds, surgery, ambulance | pills, prescription, counter
+drum / trumpet: instrument, band, loud | sticks, beat, rhythm | brass, blow, valves
+president / mayor: leader, election, politics | country, white house, nation | city, town hall, local
+library / bookstore: books, shelves, reading | borrow, quiet, librarian | buy, cashier, new releases
+elephant / rhino: big, grey, africa | trunk, tusks, ears | horn, thick skin, charge
+hat / helmet: head, wear, protect | brim, fashion, sun | hard, safety, motorcycle
+soup / stew: hot, bowl, spoon | broth, liquid, starter | thick, meat, slow cooked
+email / letter: message, send, write | inbox, online, attachment | envelope, stamp, mailbox
+television / radio: broadcast, news, channels | screen, watch, remote | listen, car, frequency
+map / compass: navigation, travel, direction | paper, roads, fold | needle, north, magnetic
+key / lock: door, metal, security | turn, pocket, ring | padlock, combination, latch
+"""
+
+
+def _parse_lexicon(text: str) -> list[dict]:
+    pairs = []
+    for line in text.strip().splitlines():
+        words, attrs = line.split(":")
+        shared, first, second = ([a.strip() for a in part.split(",")] for part in attrs.split("|"))
+        w1, w2 = (w.strip() for w in words.split("/"))
+        pairs.append({"words": (w1, w2), "shared": shared, w1: first, w2: second})
+    return pairs
+
+
+WORD_PAIRS = _parse_lexicon(LEXICON_TEXT)
+SPY_PAIRS = {"train": [p for i, p in enumerate(WORD_PAIRS) if i % 5 != 4],   # every fifth pair is held out
+             "test": [p for i, p in enumerate(WORD_PAIRS) if i % 5 == 4]}
+PAIR_OF = {w: p for p in WORD_PAIRS for w in p["words"]}
+ALL_ATTRIBUTES = sorted({a for p in WORD_PAIRS for w in p["words"] for a in p[w] + p["shared"]})
+DESCRIPTION_TEMPLATES = ["It has to do with {}.", "Think of {}.", "Something with {}.", "It makes me think of {}."]
+MAX_DESCRIPTION_WORDS = 12
+
+
+@functools.lru_cache(maxsize=4096)
+def _words_of(text: str) -> str:
+    """Lowercase words separated by single spaces, padded, so ' phrase ' finds whole words and phrases."""
+    return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
+
+
+def mentions(text: str, phrase: str) -> bool:
+    return _words_of(phrase) in _words_of(text)
+
+
+def says_word(text: str, word: str) -> bool:
+    """Does `text` contain the secret `word` (or its plural)?"""
+    return mentions(text, word) or mentions(text, word + "s") or mentions(text, word + "es")
+
+
+@functools.lru_cache(maxsize=None)
+def _attributes_without(word: str) -> list[str]:
+    return [a for a in ALL_ATTRIBUTES if not says_word(a, word)]
+
+
+class Spy(Game):
+    """Who's the Spy: 4 seats, 3 civilians share a word, the spy has its partner. Two rounds, one vote."""
+    name, num_seats = "spy", 4
+    ROUNDS = 2
+
+    def reset(self, seed):
+        super().reset(seed)
+        rng = self.rng
+        pair = rng.choice(SPY_PAIRS[self.split])
+        civilian_word, spy_word = rng.sample(pair["words"], 2)
+        self.spy = rng.randrange(4)
+        self.words = [spy_word if s == self.spy else civilian_word for s in range(4)]
+        self.roles = ["spy" if s == self.spy else "civilian" for s in range(4)]
+        self.learner_seat = rng.randrange(4)
+        self.descriptions = [[None] * 4 for _ in range(self.ROUNDS)]
+        self.votes = [None] * 4
+        self.eliminated = None
+        self.phase = 0  # description rounds 0..ROUNDS-1, then the vote (phase == ROUNDS)
+        return self
+
+    def _advance(self, seat):
+        """Next seat in order that has not forfeited; after the last vote, count the votes."""
+        order = [(p, s) for p in range(self.ROUNDS + 1) for s in range(4)]
+        position = order.index((self.phase, seat))
+        for phase, s in order[position + 1:]:
+            if not self.forfeited[s]:
+                self.phase, self.to_move = phase, s
+                return
+        self._count_votes()
+
+    def _count_votes(self):
+        tally = [self.votes.count(s) for s in range(4)]
+        top = [s for s in range(4) if tally[s] == max(tally)]
+        self.eliminated = self.rng.choice(top)
+        civilians_win = self.eliminated == self.spy
+        self.base = [1.0 if (r == "civilian") == civilians_win else 0.0 for r in self.roles]
+        self.to_move = None
+
+    def _apply(self, seat, move):
+        if self.phase < self.ROUNDS:
+            if not move:
+                return "the description is empty"
+            if len(move) > 120 or len(move.split()) > MAX_DESCRIPTION_WORDS:
+                return f"a description has at most {MAX_DESCRIPTION_WORDS} words"
+            if says_word(move, self.words[seat]):
+                return "the description contains your secret word"
+            self.descriptions[self.phase][seat] = move
+        else:
+            found = re.fullmatch(r"(?:player\s*)?(\d{1,2})\.?", move, re.IGNORECASE)
+            target = int(found.group(1)) - 1 if found else -1
+            if not 0 <= target < 4:
+                return "a vote is 'Player k' with k from 1 to 4"
+            if target == seat:
+                return "you cannot vote for yourself"
+            self.votes[seat] = target
+        self._advance(seat)
+
+    def _forfeit(self, seat):
+        self._advance(seat)
+
+    def _transcript(self) -> str:
+        lines = []
+        for r, round_ in enumerate(self.descriptions):
+            said = [f"Player {s + 1}: {d}" for s, d in enumerate(round_) if d is not None]
+            if said:
+                lines.append(f"Round {r + 1}: " + " | ".join(said))
+        return "\n".join(lines)
+
+    def _prompt(self, seat):
+        head = (f"Who's the Spy. 4 players: three share a word, the spy has a different one. "
+                f"You are Player {seat + 1}; your word is '{self.words[seat]}'.\n")
+        said = self._transcript()
+        head += (said + "\n") if said else ""
+        if self.phase < self.ROUNDS:
+            return head + f"Describe your word in a few words without saying it. Reply {answer('description')}."
+        return head + f"Vote for the spy (not yourself). Reply {answer('Player k')}."
+
+    def _evidence(self, seat: int, about: list[int]) -> dict[int, int]:
+        """For each seat in `about`: mentions of attributes only this seat's word has, minus only the partner's."""
+        pair = PAIR_OF[self.words[seat]]
+        own = pair[self.words[seat]]
+        other = pair[[w for w in pair["words"] if w != self.words[seat]][0]]
+        score = {}
+        for s in about:
+            said = [r[s] for r in self.descriptions if r[s]]
+            score[s] = sum(mentions(d, a) for d in said for a in own) - sum(mentions(d, a) for d in said for a in other)
+        return score
+
+    def scripted_reply(self, seat):
+        """Describe with own distinctive attributes until the others' words point to the partner word;
+        then, as a likely spy, blend in with shared ones. Vote for the least consistent player."""
+        others = [s for s in range(4) if s != seat and not self.forfeited[s]]
+        evidence = self._evidence(seat, others)
+        think_spy = sum(evidence.values()) < 0
+        if self.phase < self.ROUNDS:
+            pair = PAIR_OF[self.words[seat]]
+            pool = pair["shared"] if think_spy else pair[self.words[seat]]
+            used = {a for r in self.descriptions if r[seat] for a in pool if mentions(r[seat], a)}
+            attribute = self.opponent_rng.choice([a for a in pool if a not in used] or pool)
+            return answer(self.opponent_rng.choice(DESCRIPTION_TEMPLATES).format(attribute))
+        # A likely spy believes the majority has the partner word: the least consistent with it is a civilian
+        # who looks odd to the others; either way, vote for the lowest score under the believed majority word.
+        key = (lambda s: -evidence[s]) if think_spy else (lambda s: evidence[s])
+        lowest = min(key(s) for s in others)
+        return answer(f"Player {self.opponent_rng.choice([s for s in others if key(s) == lowest]) + 1}")
+
+    def random_reply(self, seat):
+        if self.phase < self.ROUNDS:
+            choices = _attributes_without(self.words[seat])
+            return answer(self.opponent_rng.choice(DESCRIPTION_TEMPLATES).format(self.opponent_rng.choice(choices)))
+        return answer(f"Player {self.opponent_rng.choice([s for s in range(4) if s != seat]) + 1}")
+
+
+GAMES = {"matrix": MatrixGame, "tictactoe": TicTacToe, "spy": Spy}
+
+
+def make(name: str, split: str = "train", **options) -> Game:
+    if name not in GAMES:
+        raise ValueError(f"unknown game {name!r}; valid games: {', '.join(GAMES)}")
+    try:
+        return GAMES[name](split=split, **options)
+    except TypeError as error:  # an option the game does not take
+        raise ValueError(f"bad options for {name}: {error}") from None
+
+
+# ------------------------------------------------------------------------------------ demo, baselines
+def play(game: Game, players) -> Game:
+    """Play to the end; players[seat] is 'scripted' or 'random'."""
+    for _ in range(1000):
+        if game.done:
+            return game
+        seat = game.to_move
+        reply = game.scripted_reply(seat) if players[seat] == "scripted" else game.random_reply(seat)
+        game.step(seat, reply)
+    raise RuntimeError("game did not end")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the demo games")
+    parser.add_argument("--split", default="train", choices=["train", "test"], help="train or held-out split")
+    args = parser.parse_args()
+    for name in GAMES:
+        game = make(name, split=args.split).reset(args.seed)
+        print(f"{'=' * 30} {name} (seed {args.seed}, learner is seat {game.learner_seat}) {'=' * 30}")
+        while not game.done:
+            seat = game.to_move
+            if seat == game.learner_seat:
+                print(f"--- prompt to seat {seat}:\n{game.prompt(seat)}")
+            reply = game.scripted_reply(seat)
+            print(f"--- seat {seat} replies: {reply}")
+            game.step(seat, reply)
+        print(f"--- rewards: {game.rewards}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""The test suite: `python -m pytest -q test_all.py`. Tiny model, tiny budgets; truths worked out by hand."""
+import copy
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+import games
+
+# ================================================================================================ games
+
+
+def test_parse_answer_handles_anything_a_model_can_emit():
+    assert games.parse_answer("I think <answer> 2 </answer>") == "2"
+    assert games.parse_answer("<answer>1</answer> no, <answer>(2,3)</answer>") == "(2,3)"  # the last one counts
+    assert games.parse_answer("<answer>1</answer> <answer>2") == "1"  # an unclosed tag is ignored
+    assert games.parse_answer("<answer><answer>3</answer>") == "3"
+    assert games.parse_answer("<answer></answer>") == ""
+    for bad in ["", "2", "<answer>2", "2</answer>", "</answer><answer>", None, 7, "ünïcødé 🎲"]:
+        assert games.parse_answer(bad) is None
+    assert games.parse_answer("x" * 1_000_000 + "<answer>ok</answer>") == "ok"
+
+
+def test_make_rejects_bad_input_with_clear_errors():
+    with pytest.raises(ValueError, match="matrix, tictactoe, spy"):
+        games.make("chess")
+    with pytest.raises(ValueError, match="split"):
+        games.make("matrix", split="valid")
+    with pytest.raises(ValueError, match="opponent"):
+        games.make("tictactoe", opponent="eps:1.5")
+    with pytest.raises(ValueError, match="bad options"):
+        games.make("spy", opponent="expert")
+    assert games.parse_opponent("eps:0.25") == 0.25
+
+
+def _state(game):
+    """Everything that describes the position, without the bookkeeping of invalid replies."""
+    skip = {"rng", "opponent_rng", "invalid", "tries", "error", "forfeited"}
+    return copy.deepcopy({k: v for k, v in vars(game).items() if k not in skip})
+
+
+@pytest.mark.parametrize("name", list(games.GAMES))
+def test_same_seed_same_game_and_different_seeds_differ(name):
+    def run(seed):
+        g = games.make(name).reset(seed)
+        prompts = []
+        while not g.done:
+            prompts.append(g.prompt(g.to_move))
+            g.step(g.to_move, g.scripted_reply(g.to_move))
+        return prompts, g.rewards
+    assert run(7) == run(7)
+    assert len({str(run(s)) for s in range(10)}) > 5
+
+
+# Correct answers worked out by hand (1-based; P1 = row player). Pure equilibria are found by checking best
+# responses cell by cell; among them the highest joint payoff is kept.
+MATRIX_TRUTH = {
+    # game, negated: (P1 correct, P2 correct)   -- why
+    ("prisoners_dilemma", False): ([2], [2]),   # defect strictly dominates for both
+    ("prisoners_dilemma", True): ([1], [1]),    # negated: action 1 strictly dominates for both
+    ("battle_of_sexes", False): ([1, 2], [1, 2]),  # NE (1,1) and (2,2), both joint payoff 3
+    ("battle_of_sexes", True): ([1, 2], [1, 2]),   # NE (1,2) and (2,1), both joint payoff 0
+    ("chicken", False): ([1, 2], [1, 2]),       # NE (1,2) and (2,1), both joint payoff 0
+    ("chicken", True): ([1], [1]),              # NE (1,1) joint 20 beats NE (2,2) joint 0
+    ("stag_hunt", False): ([1], [1]),           # NE (1,1) joint 6 beats (2,2) joint 2
+    ("stag_hunt", True): ([1, 2], [1, 2]),      # NE (1,2) and (2,1), both joint -1
+    ("radio_station", False): ([1, 2], [1, 2]),  # NE (1,2) and (2,1), both joint 80
+    ("radio_station", True): ([3], [3]),        # NE (2,2) joint -30 and (3,3) joint -20: keep (3,3)
+    ("iesds", False): ([2], [2]),               # the only NE is (2,2)
+    # negated iesds has no pure NE; P1 mixes rows 2,3 at 3/4,1/4 and P2 columns 1,3 at 2/7,5/7
+    ("iesds", True): ([2], [3]),
+    ("duopoly", False): ([3], [3]),             # best responses 4,3,3,2,2,1: the only NE is (3,3)
+    ("duopoly", True): ([6], [6]),              # NE (1,1) joint 0 and (6,6) joint 10: keep (6,6)
+    ("game_3x4", False): ([2], [1]),            # the only NE is (2,1)
+    ("weakly_dominated", False): ([3], [1]),    # the only NE is (3,1)
+}
+
+
+def test_matrix_correct_answers_match_hand_worked_values():
+    assert {name for name, _ in MATRIX_TRUTH} == set(games.MATRIX_GAMES)
+    for (name, negated), expected in MATRIX_TRUTH.items():
+        A, B = (np.array(m) * (-1 if negated else 1) for m in games.MATRIX_GAMES[name])
+        for player in (1, 2):
+            for offset in (0, 100, -100):  # the same offset on every entry changes no answer
+                got = [a + 1 for a in games.correct_actions(A + offset, B + offset, player)]
+                assert got == expected[player - 1], (name, negated, player, offset)
+
+
+def test_negated_iesds_mixed_equilibrium_makes_both_players_indifferent():
+    A, B = (-np.array(m, float) for m in games.MATRIX_GAMES["iesds"])
+    (x, y), = games.mixed_equilibria(A, B)
+    np.testing.assert_allclose(x, [0, 3 / 4, 1 / 4])
+    np.testing.assert_allclose(y, [2 / 7, 0, 5 / 7])
+
+
+def test_matrix_game_rewards_the_selected_equilibrium_for_either_role():
+    seen = set()
+    for seed in range(400):
+        g = games.make("matrix").reset(seed)
+        seen.add((g.game_name, g.negated, g.role, g.offset))
+        expected = MATRIX_TRUTH[(g.game_name, g.negated)][g.role - 1]
+        assert [a + 1 for a in g.correct] == expected
+        assert f"Player {g.role}" in g.prompt(0)
+        wrong = [a for a in range(1, g.num_actions + 1) if a not in expected]
+        if wrong:
+            assert g.step(0, f"<answer>{wrong[0]}</answer>") and g.rewards == [0.0]
+        else:
+            assert g.step(0, f"<answer>{expected[0]}</answer>") and g.rewards == [1.0]
+    assert {s[1] for s in seen} == {False, True} and {s[2] for s in seen} == {1, 2}
+    assert {s[3] for s in seen} == {0, 100, -100}
+    assert {s[0] for s in seen} == set(games.MATRIX_GAMES)
+    assert not any(n in games.NEGATABLE[7:] or (n not in games.NEGATABLE and neg) for n, neg, *_ in seen)
+
+
+def test_matrix_templates_are_split_between_train_and_test():
+    train, test = games.MATRIX_TEMPLATES["train"], games.MATRIX_TEMPLATES["test"]
+    assert len(train) + len(test) >= 8 and len(test) >= 2 and not set(train) & set(test)
+    used = {split: {games.make("matrix", split=split).reset(s).template for s in range(300)} for split in ("train", "test")}
+    assert used["train"] == set(train) and used["test"] == set(test)
+    g = games.make("matrix", game="prisoners_dilemma").reset(0)
+    for template in list(train.values()) + list(test.values()):  # every template shows every payoff
+        text = template(g.A, g.B)
+        assert all(str(v) in text for row in g.A + g.B for v in row)
+
+
+def _ttt(board, to_move_mark="X"):
+    g = games.make("tictactoe").reset(0)
+    g.board, g.marks = board, ("X", "O")
+    g.to_move = 0 if to_move_mark == "X" else 1
+    return g
+
+
+def test_tictactoe_rules_on_hand_worked_positions():
+    assert games.winner("XXX" "OO." "...") == "X"
+    assert games.winner("XO." "XO." ".O.") == "O"
+    assert games.winner("OXX" ".O." "X.O") == "O"
+    assert games.winner("XOX" "XOO" "OXX") is None
+    g = _ttt("XX." "OO." "...")
+    assert not g.step(0, "<answer>(1,1)</answer>") and "taken" in g.prompt(0)  # occupied
+    assert not g.step(0, "<answer>(4,1)</answer>") and "1 to 3" in g.prompt(0)  # off-board
+    assert g.board == "XX." "OO." "..." and g.to_move == 0
+    assert g.step(0, "<answer>(1,3)</answer>") and g.done and g.rewards == [1.0 - 0.2, 0.0]
+    g = _ttt("XOX" "XOO" "OX.")
+    assert g.step(0, "<answer> ( 3 , 3 ) </answer>") and g.done and g.rewards == [0.5, 0.5]
+    assert games.minimax("XX." "OO." "...", "X") > 0 and games.expert_moves("XX." "OO." "...", "X") == [2]
+    assert games.expert_moves("XX." "OO." "...", "O") == [5]  # O wins at once rather than blocking
+    assert games.expert_moves("X.." "O.." "X..", "O") == [4]  # the only move that stops X's fork
+
+
+def test_tictactoe_forfeit_after_repeated_invalid_replies():
+    g = _ttt("." * 9)
+    for _ in range(3):
+        assert not g.step(0, "I refuse")
+    assert g.done and g.forfeited == [True, False] and g.rewards == [pytest.approx(-0.3), 1.0]
+    assert g.outcome(0) == "loss" and g.outcome(1) == "win"
+
+
+@pytest.mark.parametrize("expert_mark,expert_first", [("X", True), ("O", False), ("X", False), ("O", True)])
+def test_tictactoe_expert_never_loses_against_any_sequence(expert_mark, expert_first):
+    """Exhaustive search: every legal move of the other side, every move the expert may choose."""
+    other = "O" if expert_mark == "X" else "X"
+    games_seen = [0]
+
+    def explore(board, expert_to_move):
+        w = games.winner(board)
+        if w or "." not in board:
+            assert w != other, f"expert lost: {board}"
+            games_seen[0] += 1
+            return
+        mark = expert_mark if expert_to_move else other
+        moves = games.expert_moves(board, mark) if expert_to_move else [i for i in range(9) if board[i] == "."]
+        for i in moves:
+            explore(board[:i] + mark + board[i + 1:], not expert_to_move)
+
+    explore("." * 9, expert_first)
+    assert games_seen[0] > 50
+
+
+def test_tictactoe_options_opponents_and_openings():
+    g = games.make("tictactoe", opening_rounds=1).reset(3)
+    assert g.board.count(".") == 7
+    seen = {(g.learner_seat, g.marks[0], g.to_move) for g in (games.make("tictactoe").reset(s) for s in range(64))}
+    assert len(seen) == 8  # learner seat, marks and first mover are all drawn
+    outcomes = []
+    for seed in range(200):
+        g = games.make("tictactoe", opponent="expert").reset(seed)
+        games.play(g, ["scripted" if s != g.learner_seat else "random" for s in range(2)])
+        outcomes.append(g.outcome(g.learner_seat))
+    assert "win" not in outcomes
+
+
+def test_spy_lexicon_is_well_formed_and_split():
+    assert len(games.WORD_PAIRS) >= 60
+    train = {p["words"] for p in games.SPY_PAIRS["train"]}
+    test = {p["words"] for p in games.SPY_PAIRS["test"]}
+    assert len(test) >= 10 and not train & test and len(train | test) == len(games.WORD_PAIRS)
+    assert len(games.PAIR_OF) == 2 * len(games.WORD_PAIRS)  # every word in one pair only
+    for p in games.WORD_PAIRS:
+        w1, w2 = p["words"]
+        assert len(p["shared"]) >= 2 and len(p[w1]) >= 2 and len(p[w2]) >= 2
+        assert not set(p[w1]) & set(p[w2]) and not (set(p[w1]) | set(p[w2])) & set(p["shared"])
+        for attr in p["shared"] + p[w1] + p[w2]:  # a scripted player can always say its attributes
+            assert not games.says_word(attr, w1) and not games.says_word(attr, w2), (attr, p["words"])
+
+
+def _spy(seed=0):
+    return games.make("spy").reset(seed)
+
+
+def test_spy_invalid_replies_and_vote_counting_by_hand():
+    g = _spy()
+    own = g.words[0]
+    for bad in ["", f"my {own} is nice", f"lots of {own}s", " ".join(["word"] * 13)]:
+        before = _state(g)
+        assert not g.step(0, f"<answer>{bad}</answer>")
+        assert _state(g) == before and g.tries[0] > 0
+        g.tries[0] = 0  # keep trying without forfeiting
+    for s in range(4):
+        assert g.step(s, "<answer>it is round-ish</answer>")
+    for s in range(4):
+        assert g.step(s, "<answer>quite common</answer>")
+    assert g.phase == 2 and "Vote" in g.prompt(0)
+    assert not g.step(0, "<answer>Player 1</answer>") and not g.step(0, "<answer>Player 5</answer>")
+    # Hand-worked tally: seats 0,1,3 vote for the spy's seat, the spy votes for seat 0 -> spy out.
+    spy = g.spy
+    for s in range(4):
+        target = (0 if spy != 0 else 1) if s == spy else spy
+        assert g.step(s, f"<answer>Player {target + 1}</answer>")
+    assert g.done and g.eliminated == spy
+    assert g.rewards == pytest.approx([(-0.6 if s == 0 else 0.0) + (0.0 if s == spy else 1.0) for s in range(4)])
+
+
+def test_spy_forfeit_skips_the_seat_and_counts_as_its_loss():
+    g = _spy(5)
+    for _ in range(3):
+        g.step(0, "no tags")
+    assert g.forfeited[0] and g.to_move == 1
+    while not g.done:
+        g.step(g.to_move, g.scripted_reply(g.to_move))
+    assert g.votes[0] is None and g.descriptions[0][0] is None and g.descriptions[1][0] is None
+    assert g.rewards[0] == pytest.approx(-0.3) and g.outcome(0) == "loss"
+
+
+def test_spy_scripted_players_beat_random_describers():
+    def civilian_win_rate(civilians, spy, n=1000):
+        wins = 0
+        for seed in range(n):
+            g = games.make("spy").reset(seed)
+            games.play(g, [spy if s == g.spy else civilians for s in range(4)])
+            wins += g.outcome((g.spy + 1) % 4) == "win"
+        return wins / n
+    scripted, random_ = civilian_win_rate("scripted", "scripted"), civilian_win_rate("random", "random")
+    assert scripted > random_ + 0.3                                     # civilians find the spy far more often
+    assert civilian_win_rate("scripted", "random") > scripted          # a scripted spy hides better than a random one
+
+
+def test_spy_judges_free_text_with_the_lexicon():
+    g = games.make("spy").reset(11)
+    spy, pair = g.spy, games.PAIR_OF[g.words[g.spy]]
+    spy_only, civilian_only = pair[g.words[spy]], pair[g.words[(spy + 1) % 4]]
+    for s in range(4):  # free text, not the scripted phrasing: attributes are found inside it
+        text = f"I would say {spy_only[0]}, honestly" if s == spy else f"well... {civilian_only[s % 3].upper()}!"
+        assert g.step(s, f"<answer>{text}</answer>")
+    for s in range(4):
+        assert g.step(s, "<answer>no idea</answer>")
+    for s in range(4):
+        reply = g.scripted_reply(s)
+        if s != spy:
+            assert reply == f"<answer>Player {spy + 1}</answer>"
+        assert g.step(s, reply)
+    assert g.eliminated == spy and g.outcome(spy) == "loss"
+
+
+FUZZ = ["", " ", "<answer>", "</answer>", "<answer></answer>", "<answer>0</answer>", "<answer>-1</answer>",
+        "<answer>(0,0)</answer>", "<answer>(3,4)</answer>", "<answer>Player 0</answer>", "<answer>player 9</answer>",
+        "<answer>💥</answer>", "<answer><answer></answer>", "<answer>1<answer>", "</answer>2<answer>",
+        "<answer>" + "a " * 50 + "</answer>", "ünïcødé \u0000 \ud800", "<ANSWER>1</ANSWER>", "<answer>1e3</answer>"]
+
+
+@pytest.mark.parametrize("name", list(games.GAMES))
+def test_fuzz_no_reply_raises_or_corrupts_and_every_game_ends(name):
+    rng = random.Random(name)
+    replies = 0
+    seed = 0
+    while replies < 3400:  # 3 games x 3400 > 10,000 replies
+        g = games.make(name).reset(seed)
+        seed += 1
+        for _ in range(200):
+            if g.done:
+                break
+            seat = g.to_move
+            kind = rng.random()
+            if kind < 0.25:
+                reply = g.random_reply(seat)
+            elif kind < 0.3:
+                reply = "<answer>" + "x" * 1_000_000 + "</answer>"
+            elif kind < 0.35:
+                reply = "".join(chr(rng.randrange(1, 0x2FFF)) for _ in range(rng.randrange(60)))
+            else:
+                reply = rng.choice(FUZZ)
+            wrong_seat = (seat + 1) % g.num_seats
+            if g.num_seats > 1 and rng.random() < 0.1:  # a valid move at the wrong time changes nothing
+                before = _state(g), list(g.invalid)
+                assert not g.step(wrong_seat, g.random_reply(seat))
+                assert (_state(g), g.invalid) == before
+            before, invalid_before, forfeited_before = _state(g), g.invalid[seat], g.forfeited[seat]
+            ok = g.step(seat, reply)
+            replies += 1
+            if not ok:
+                assert g.invalid[seat] == invalid_before + 1
+                if g.forfeited[seat] == forfeited_before:
+                    assert _state(g) == before
+                    assert g.error[seat] in g.prompt(seat)
+        assert g.done
+        for s in range(g.num_seats):
+            base = 0.0 if g.forfeited[s] else g.base[s]
+            assert g.rewards[s] == pytest.approx(base - 0.1 * g.invalid[s])
+            assert g.forfeited[s] is False or g.outcome(s) == "loss"
