@@ -545,7 +545,7 @@ class Spy(Game):
 
     def _prompt(self, seat):
         head = (f"Who's the Spy. 4 players: three share a word, the spy has a different one. "
-                f"You are Player {seat + 1}; your word is '{self.words[seat]}'.\n")
+                f"You are Player {seat + 1} and your word is {self.words[seat]} .\n")
         said = self._transcript()
         head += (said + "\n") if said else ""
         if self.phase < self.ROUNDS:

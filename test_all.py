@@ -1,10 +1,12 @@
 """The test suite: `python -m pytest -q test_all.py`. Tiny model, tiny budgets; truths worked out by hand."""
 import copy
+import json
 import itertools
 import random
 
 import numpy as np
 import pytest
+import torch
 
 import games
 
@@ -317,3 +319,234 @@ def test_fuzz_no_reply_raises_or_corrupts_and_every_game_ends(name):
             base = 0.0 if g.forfeited[s] else g.base[s]
             assert g.rewards[s] == pytest.approx(base - 0.1 * g.invalid[s])
             assert g.forfeited[s] is False or g.outcome(s) == "loss"
+
+
+# =============================================================================================== policy
+import policy as policy_lib  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The embedded tiny model at random init (built, saved and reloaded like a Hub model)."""
+    path = policy_lib.build_tiny(tmp_path_factory.mktemp("tiny") / "base", seed=0)
+    return policy_lib.load_policy(str(path), device="cpu")
+
+
+def test_tiny_tokenizer_round_trips_any_text_and_has_chat_tokens(tiny):
+    tok = tiny.tokenizer
+    for text in ["plain", "ünïcødé 💥 \n\n  tabs\t", "<answer>(1,3)</answer>", "x" * 500, ""]:
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert tok.convert_tokens_to_ids("<answer>") != tok.unk_token_id
+    rendered = tiny.render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert rendered == "<|user|>hi<|end|><|assistant|>"
+    n_params = sum(p.numel() for p in tiny.model.parameters())
+    assert 1_000_000 < n_params < 10_000_000
+
+
+def test_unknown_model_gives_an_offline_hint():
+    with pytest.raises(SystemExit, match="Nothing is downloaded"):
+        policy_lib.load_policy("no-such-org/no-such-model", device="cpu")
+
+
+def _multi_turn(tiny, seed=1, temperature=1.0):
+    """Four conversations over three turns; some rows sit out a turn, one ends early."""
+    batch = policy_lib.ChatBatch(tiny, 4, seed=seed)
+    for turn, rows in enumerate([[0, 1, 2], [0, 2, 3], [0, 3]]):
+        if turn == 2:
+            batch.finish([2])
+        for r in rows:
+            batch.add_user(r, f"turn {turn}, row {r}: " + "board . X O " * r)
+        batch.generate(rows, max_new_tokens=6 + turn, temperature=temperature)
+    return batch
+
+
+def test_training_logprobs_reproduce_sampling_logprobs_over_several_turns(tiny):
+    batch = _multi_turn(tiny)
+    with torch.no_grad():
+        logp = policy_lib.token_logprobs(tiny, batch.ids, temperature=1.0)
+    checked = 0
+    for r in range(4):
+        sampled = torch.tensor(batch.sampled[r][1:], dtype=torch.bool)
+        recorded = torch.tensor(batch.logprobs[r][1:])
+        ratio = torch.exp(logp[r, :len(batch.ids[r]) - 1][sampled] - recorded[sampled])
+        assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-4)
+        checked += int(sampled.sum())
+    assert checked > 30
+
+
+def test_sequences_are_built_from_sampled_ids_not_retokenized_text(tiny):
+    batch = _multi_turn(tiny)
+    for r in range(4):
+        ids, sampled, turns = batch.ids[r], batch.sampled[r], []
+        for i, s in enumerate(sampled):  # runs of sampled tokens are the assistant turns
+            if s and (i == 0 or not sampled[i - 1]):
+                turns.append([])
+            if s:
+                turns[-1].append(ids[i])
+        replies = [m["content"] for m in batch.messages[r] if m["role"] == "assistant"]
+        assert len(turns) == len(replies) > 0
+        assert [tiny.decode(t) for t in turns] == replies
+
+
+        assert ids.count(tiny.eos_id) == 2 * len(replies)  # one closing each user turn, one each reply
+
+
+def test_generation_is_reproducible_and_greedy_is_deterministic(tiny):
+    assert _multi_turn(tiny, seed=3).ids == _multi_turn(tiny, seed=3).ids
+    assert _multi_turn(tiny, seed=3).ids != _multi_turn(tiny, seed=4).ids
+    assert _multi_turn(tiny, seed=3, temperature=0).ids == _multi_turn(tiny, seed=4, temperature=0).ids
+
+
+def test_encode_conversation_masks_exactly_the_assistant_turns(tiny):
+    messages = [{"role": "user", "content": "board?"}, {"role": "assistant", "content": "<answer>(1,1)</answer>"},
+                {"role": "user", "content": "again"}, {"role": "assistant", "content": "<answer>(2,2)</answer>"}]
+    ids, mask = policy_lib.encode_conversation(tiny, messages)
+    learner = [i for i, m in zip(ids, mask) if m]
+    expected = tiny.reply_ids(messages[1]["content"]) + tiny.reply_ids(messages[3]["content"])
+    assert learner == expected
+    assert tiny.tokenizer.decode(ids) == tiny.render(messages)
+
+
+def test_sft_learns_a_transcript_file(tiny, tmp_path):
+    data = policy_lib.random_transcripts(tmp_path / "t.jsonl", n_per_game=4)
+    rows = [json.loads(line) for line in open(data)]
+    assert {r["meta"]["game"] for r in rows} == set(games.GAMES)
+    assert all(m["role"] in ("user", "assistant") for r in rows for m in r["messages"])
+    model = copy.deepcopy(tiny.model)
+    student = policy_lib.Policy(model, tiny.tokenizer, "student")
+    losses = policy_lib.sft(student, data, epochs=6, batch_size=4, lr=3e-3)
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+
+
+# ================================================================================================= grpo
+import grpo  # noqa: E402
+
+
+def test_group_advantages_by_hand_and_zero_spread_groups_are_dropped():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [1.0, 0.0, 0.0, 0.0]])
+    adv, keep = grpo.group_advantages(rewards, "group")
+    # group 1: mean 0.5, population std 0.5 -> +-0.5 / 0.5001; group 3: mean 0.25, std sqrt(3)/4
+    assert torch.allclose(adv[0], torch.tensor([1, -1, -1, 1]) * 0.5 / 0.5001)
+    assert torch.allclose(adv[2], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (3 ** 0.5 / 4 + 1e-4))
+    assert keep.tolist() == [True, False, True]
+    adv, _ = grpo.group_advantages(rewards, "none")
+    assert torch.allclose(adv[2], torch.tensor([0.75, -0.25, -0.25, -0.25]))
+    _, keep = grpo.group_advantages(rewards, "group", top_fraction=0.34)  # keep 1 of 3: the widest spread
+    assert keep.tolist() == [True, False, False]
+
+
+def test_grpo_loss_matches_a_hand_computed_example():
+    """Two sequences (A = +1, -2). Ratios: seq 0 = [1.5 (clipped above), 0.9, masked];
+    seq 1 = [0.7 (clipped below), 1.1, 1.0]. k3 is non-zero on two tokens: logp_ref - logp = +ln 2 gives
+    2 - ln 2 - 1 = 0.30685, -ln 2 gives 0.5 + ln 2 - 1 = 0.19315. beta = 0.1.
+    Per-token losses: seq 0: -1.28 + 0.030685, -0.9; seq 1: +1.6, +2.2 + 0.019315, +2.0."""
+    ratio = torch.tensor([[1.5, 0.9, 1.0], [0.7, 1.1, 1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    logp_old = torch.full((2, 3), -0.7)
+    logp = (logp_old + ratio.log()).requires_grad_()
+    ln2 = float(np.log(2))
+    logp_ref = logp.detach() + torch.tensor([[ln2, 0.0, 0.0], [0.0, -ln2, 0.0]])
+    adv = torch.tensor([1.0, -2.0])
+    loss, diag = grpo.grpo_loss(logp, logp_old, logp_ref, adv, mask, 0.2, 0.28, 0.1, "token")
+    per_token = [-1.28 + 0.1 * (1 - ln2), -0.9, 1.6, 2.2 + 0.1 * (ln2 - 0.5), 2.0]
+    assert loss.item() == pytest.approx(sum(per_token) / 5, abs=1e-5)
+    assert (diag["clipped"] * mask).sum().item() == 2
+    assert (diag["kl"] * mask).sum().item() == pytest.approx((1 - ln2) + (ln2 - 0.5), abs=1e-5)
+    loss_seq, _ = grpo.grpo_loss(logp, logp_old, logp_ref, adv, mask, 0.2, 0.28, 0.1, "sequence")
+    assert loss_seq.item() == pytest.approx((sum(per_token[:2]) / 2 + sum(per_token[2:]) / 3) / 2, abs=1e-5)
+    # The clip acts: with beta = 0 the clipped tokens get no gradient, the others get -A * ratio / n.
+    loss0, _ = grpo.grpo_loss(logp, logp_old, None, adv, mask, 0.2, 0.28, 0.0, "token")
+    grad, = torch.autograd.grad(loss0, logp)
+    expected = torch.tensor([[0.0, -0.9, 0.0], [0.0, 2.2, 2.0]]) / 5
+    assert torch.allclose(grad, expected, atol=1e-6)
+
+
+def _args(**kw):
+    ns = grpo.parse_args(["--run-dir", "unused"])
+    for k, v in kw.items():
+        setattr(ns, k, v)
+    return ns
+
+
+def test_one_update_on_a_rigged_batch_raises_the_rewarded_reply(tiny):
+    learner = policy_lib.Policy(copy.deepcopy(tiny.model), tiny.tokenizer, "learner")
+    batch = policy_lib.ChatBatch(learner, 2)
+    replies = ["<answer>1</answer>", "<answer>2</answer>"]
+    for r, reply in enumerate(replies):
+        batch.add_user(r, "Choose 1 or 2.")
+        ids = learner.reply_ids(reply)
+        with torch.no_grad():
+            lp = policy_lib.token_logprobs(learner, [batch.ids[r] + ids])[0, -len(ids):]
+        batch._append(r, ids, 1, lp.tolist())
+
+    def reply_logprob(r):
+        with torch.no_grad():
+            lp = policy_lib.token_logprobs(learner, [batch.ids[r]])[0]
+        return float((lp * torch.tensor(batch.sampled[r][1:], dtype=torch.float)).sum())
+    before = [reply_logprob(0), reply_logprob(1)]
+    optimizer = torch.optim.AdamW(learner.model.parameters(), lr=1e-3)
+    logs = grpo.update(learner, tiny, optimizer, batch, [0, 1], [1.0, -1.0], _args(minibatches=1))
+    after = [reply_logprob(0), reply_logprob(1)]
+    assert after[0] > before[0] + 0.05 and after[1] < before[1] - 0.05
+    assert logs["kl"] == pytest.approx(0.0, abs=1e-6) and logs["clip_ratio"] == 0.0  # first step: ratio 1
+
+
+@pytest.mark.parametrize("argv,reason", [
+    (["--games", "chess"], "unknown game"), (["--group-size", "1"], "group-size"),
+    (["--opponent", "eps:x"], "opponent"), (["--opponent", "model:"], "opponent"), (["--steps", "0"], "steps")])
+def test_bad_command_lines_exit_2_with_one_line_reason(argv, reason, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        grpo.parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert reason in err and "\n" not in err
+
+
+@pytest.fixture(scope="session")
+def warm():
+    """The default model: the tiny model after its warm start (built on first use, then cached)."""
+    return policy_lib.load_policy("tiny", device="cpu")
+
+
+def test_warm_start_learns_format_and_rules_not_strategy(warm):
+    import evaluate
+    scores = evaluate.score(warm, list(games.GAMES), 200, temperature=1.0, seed=10_000)
+    for name, row in scores.items():
+        assert row["invalid"] <= 0.05, (name, row)  # at least 95% of its turns are valid replies
+    # Random-legal play on the same seeds: the warm start is close to it, not to the scripted experts.
+    random_rate = {}
+    for name in games.GAMES:
+        wins = 0
+        for i in range(200):
+            g = grpo.make_game(name, "train", "random").reset(10_000 + i)
+            games.play(g, ["random" if s == g.learner_seat else "scripted" for s in range(g.num_seats)])
+            wins += g.outcome(g.learner_seat) == "win"
+        random_rate[name] = wins / 200
+    for name in games.GAMES:
+        assert abs(scores[name]["win"] - random_rate[name]) < 0.15, (name, scores[name]["win"], random_rate[name])
+
+
+def _run(model, tmp_path, steps, extra=()):
+    argv = ["--model", model.name, "--games", "matrix,tictactoe,spy", "--steps", str(steps), "--instances", "2",
+            "--group-size", "3", "--eval-games", "3", "--max-new-tokens", "8", "--save-every", "2",
+            "--run-dir", str(tmp_path), *extra]
+    grpo.main(argv)
+    return [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+
+
+def test_training_run_logs_checkpoints_and_resumes_exactly(warm, tmp_path):
+    full = _run(warm, tmp_path / "full", 3)
+    assert [m["step"] for m in full] == [1, 2, 3]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completion_length", "tokens_per_s", "step_s"):
+        assert key in full[0]
+    assert any(k.endswith("/win") for k in full[0]) and any("kl" in m for m in full)
+    assert (tmp_path / "full" / "checkpoint" / "model.safetensors").exists()
+    assert (tmp_path / "full" / "before_after.md").read_text().count("|") > 10
+    transcripts = [json.loads(line) for line in open(tmp_path / "full" / "transcripts.jsonl")]
+    assert transcripts and transcripts[0]["messages"][0]["role"] == "user"
+    # Two steps, then a resumed third: the same metrics as the uninterrupted run (timings aside).
+    _run(warm, tmp_path / "split", 2)
+    split = _run(warm, tmp_path / "split", 3, ["--resume"])
+    timing = {"tokens_per_s", "step_s", "rollout_s"}
+    assert [{k: v for k, v in m.items() if k not in timing} for m in split] == \
+           [{k: v for k, v in m.items() if k not in timing} for m in full]

@@ -1,0 +1,450 @@
+"""The language model: load any Hugging Face causal LM or build the embedded tiny default; batched
+multi-turn generation that keeps each conversation's KV cache; exact token log-probs; the SFT warm start.
+
+    python policy.py warmstart              # build the tiny model and warm-start it (cached in .cache/)
+    python policy.py sft --model PATH --data transcripts.jsonl --out DIR   # SFT on any transcript file
+    python policy.py bench --model tiny     # generation throughput at batch sizes 1, 8 and 64
+
+The tiny model is a Llama-style `transformers` model of a few million parameters with a byte-level BPE
+tokenizer trained (with `tokenizers`) on game text. It starts random, so it is warm-started by SFT on
+transcripts of random-legal play: it learns the format and the rules, not the strategy.
+
+Training sequences are built from the exact token ids: each user turn is tokenized once as a chunk (the
+chat template's text between the previous assistant reply and the next one), each assistant turn is the
+sampled ids themselves. With logits divided by the sampling temperature T, log pi(token) at training time
+equals the log-prob recorded while sampling, so the GRPO ratio starts at exactly 1.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import games
+
+try:  # transformers' own progress bars would print on every save and load
+    from transformers.utils import logging as _hf_logging
+    _hf_logging.disable_progress_bar()
+except ImportError:
+    pass
+
+CACHE_DIR = Path(os.environ.get("GAME_GRPO_CACHE", Path(__file__).resolve().parent / ".cache"))
+TINY_SPECIAL = ["<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+TINY_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TINY_CONFIG = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True)
+TINY_VERSION = 3  # bump when anything that shapes the tiny model or its warm start changes
+
+
+class Policy:
+    """A causal LM, its tokenizer and the chat conventions needed to build token sequences turn by turn."""
+
+    def __init__(self, model, tokenizer, name: str):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        self.stop_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos_id = tokenizer.eos_token_id
+
+    def render(self, messages, add_generation_prompt=False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def user_turn_ids(self, history: list[dict], text: str) -> list[int]:
+        """Token ids between the end of `history` (just after the last reply's end-of-turn token) and the
+        start of the next assistant reply: the template's text around a new user message, tokenized once."""
+        after = self.render(history + [{"role": "user", "content": text}], add_generation_prompt=True)
+        if not history:
+            return self.tokenizer(after, add_special_tokens=False)["input_ids"]
+        before = self.render(history)
+        last = history[-1]["content"]
+        tail = before[before.rindex(last) + len(last):]  # e.g. "<|end|>" or "<|im_end|>\n"
+        eos_text = self.tokenizer.eos_token or ""
+        tail = tail[len(eos_text):] if tail.startswith(eos_text) else tail  # the end token is already in
+        return self.tokenizer(tail + after[len(before):], add_special_tokens=False)["input_ids"]
+
+    def reply_ids(self, text: str) -> list[int]:
+        """A reply given as text (SFT data), closed by the end-of-turn token."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i not in self.stop_ids], skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------------------------ generation
+class ChatBatch:
+    """Many conversations advancing together through one model, sharing one KV cache.
+
+    Row r's tokens are `ids[r]`; `sampled[r]` marks the ones the model generated and `logprobs[r]` their
+    log-probs at sampling time. Each call to `generate` feeds only what the cache has not seen: the new
+    user turn (left-padded so every row ends on a real token) and then one sampled token per step. Rows
+    that sit out a turn get masked padding; rows marked `finished` are dropped from the cache."""
+
+    def __init__(self, policy: Policy, n_rows: int, seed: int = 0):
+        self.policy, self.n = policy, n_rows
+        self.ids = [[] for _ in range(n_rows)]
+        self.sampled = [[] for _ in range(n_rows)]
+        self.logprobs = [[] for _ in range(n_rows)]
+        self.messages = [[] for _ in range(n_rows)]
+        self.pending = [[] for _ in range(n_rows)]   # conversation tokens the cache has not seen yet
+        self.slot = list(range(n_rows))               # row -> row of the cache, None once dropped
+        self.cache, self.mask = None, None
+        self.seen = [0] * n_rows                      # real tokens in the cache per row (= next position)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.new_tokens = 0
+
+    def _append(self, row, ids, sampled=0, logprobs=None):
+        self.ids[row] += ids
+        self.sampled[row] += [sampled] * len(ids)
+        self.logprobs[row] += logprobs if logprobs is not None else [0.0] * len(ids)
+
+    def add_user(self, row: int, text: str):
+        chunk = self.policy.user_turn_ids(self.messages[row], text)
+        self.messages[row].append({"role": "user", "content": text})
+        self._append(row, chunk)
+        self.pending[row] += chunk
+
+    def finish(self, rows):
+        """These conversations are over: free their cache rows."""
+        rows = set(rows)
+        keep = [r for r in range(self.n) if self.slot[r] is not None and r not in rows]
+        if self.cache is not None and keep:
+            index = torch.tensor([self.slot[r] for r in keep], dtype=torch.long, device=self.policy.device)
+            self.cache.reorder_cache(index)
+            self.mask = self.mask[index]
+        elif not keep:
+            self.cache = self.mask = None
+        for r in rows:
+            self.slot[r] = None
+        for i, r in enumerate(keep):
+            self.slot[r] = i
+
+    def _forward(self, tokens: dict[int, list[int]]):
+        """Feed `tokens[row]` (left-padded to one length) for the given rows, padding for the other live
+        rows; return the last position's logits per live cache row."""
+        live = [r for r in range(self.n) if self.slot[r] is not None]
+        width = max(len(t) for t in tokens.values())
+        dev = self.policy.device
+        ids = torch.full((len(live), width), self.policy.pad_id, dtype=torch.long)
+        new_mask = torch.zeros((len(live), width), dtype=torch.long)
+        pos = torch.zeros((len(live), width), dtype=torch.long)
+        for r, t in tokens.items():
+            i, k = self.slot[r], len(t)
+            ids[i, width - k:] = torch.tensor(t)
+            new_mask[i, width - k:] = 1
+            pos[i, width - k:] = torch.arange(self.seen[r], self.seen[r] + k)
+            self.seen[r] += k
+        new_mask = new_mask.to(dev)
+        self.mask = new_mask if self.mask is None else torch.cat([self.mask, new_mask], 1)
+        if self.cache is None:
+            from transformers import DynamicCache
+            self.cache = DynamicCache()
+        out = self.policy.model(input_ids=ids.to(dev), attention_mask=self.mask, position_ids=pos.to(dev),
+                                past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def generate(self, rows: list[int], max_new_tokens: int = 16, temperature: float = 1.0) -> list[str]:
+        """Sample one assistant reply for each of `rows` (each has a pending user turn); return the texts."""
+        rows = list(rows)
+        if not rows:
+            return []
+        logits = self._forward({r: self.pending[r] for r in rows})
+        for r in rows:
+            self.pending[r] = []
+        replies = {r: [] for r in rows}
+        active = list(rows)
+        for step in range(max_new_tokens):
+            if temperature > 0:
+                logp = torch.log_softmax(logits / temperature, -1)
+                choice = torch.multinomial(logp.exp().cpu(), 1, generator=self.generator).squeeze(1)
+            else:
+                logp = torch.log_softmax(logits, -1)
+                choice = logp.argmax(-1).cpu()
+            feed = {}
+            for r in active:
+                token = int(choice[self.slot[r]])
+                replies[r].append(token)
+                self._append(r, [token], 1, [float(logp[self.slot[r], token])])
+                if token in self.policy.stop_ids:
+                    self.pending[r] = [token]  # in the conversation; the cache sees it with the next turn
+                elif step < max_new_tokens - 1:
+                    feed[r] = [token]
+                else:  # out of budget: close the turn with an end token the model did not choose
+                    self.pending[r] = [token, self.policy.eos_id]
+                    self._append(r, [self.policy.eos_id])
+            self.new_tokens += len(active)
+            active = list(feed)
+            if not active:
+                break
+            logits = self._forward(feed)
+        texts = []
+        for r in rows:
+            text = self.policy.decode(replies[r])
+            self.messages[r].append({"role": "assistant", "content": text})
+            texts.append(text)
+        return texts
+
+
+def token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1.0, with_entropy=False):
+    """log pi(token_t | tokens_<t) at `temperature` for every token after the first, one row per sequence
+    (right-padded); the gradient flows. Optionally the entropy of each predictive distribution too."""
+    dev = policy.device
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), policy.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    logits = policy.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    logp_all = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1)
+    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    if not with_entropy:
+        return logp
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+# --------------------------------------------------------------------------------- loading models
+def build_tiny_tokenizer(corpus: list[str]):
+    """Byte-level BPE: any text round-trips. Whitespace is split off before merging, so a chunk such as
+    (1,3) or Player becomes the same token in a prompt as in a reply: copying a listed move is easy."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" ?[A-Za-z][^\s]*|\s+|[^\s]+"), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=TINY_SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens([AddedToken(games.ANSWER_OPEN, normalized=False), AddedToken(games.ANSWER_CLOSE, normalized=False)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|pad|>")
+    hf.chat_template = TINY_TEMPLATE
+    return hf
+
+
+def game_corpus(n_per_game: int = 300) -> list[str]:
+    """Text of random-legal play on the train split: what the tiny tokenizer learns its merges from."""
+    texts = []
+    for name in games.GAMES:
+        for seed in range(n_per_game):
+            g = games.make(name).reset(seed)
+            while not g.done:
+                reply = g.random_reply(g.to_move)
+                texts += [g.prompt(g.to_move), reply]
+                g.step(g.to_move, reply)
+    return texts
+
+
+def build_tiny(path: Path, seed: int = 0) -> Path:
+    """Build the random-init tiny model and its tokenizer at `path` (saved like any Hub model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tokenizer = build_tiny_tokenizer(game_corpus())
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **TINY_CONFIG)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    save_atomic(model, tokenizer, path)
+    return path
+
+
+def save_atomic(model, tokenizer, path: Path, extra: dict | None = None):
+    """save_pretrained into a temporary folder, then rename: a kill never leaves a half-written model."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for name, obj in (extra or {}).items():
+        torch.save(obj, tmp / name)
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+def load_policy(name_or_path: str = "tiny", device: str = "auto", trust_remote_code=False) -> Policy:
+    """'tiny' -> the embedded model, warm-started (built and cached on first use); anything else -> a local
+    folder or an already-cached Hub model, loaded with AutoModelForCausalLM / AutoTokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dev = pick_device(device)
+    path = warm_start() if name_or_path == "tiny" else name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code).to(dev)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}\n"
+                         "Nothing is downloaded at run time (this machine may be offline). Pass a local folder "
+                         "saved with save_pretrained (config, safetensors weights, tokenizer with a chat "
+                         "template), or 'tiny' for the embedded model.") from None
+    if tokenizer.chat_template is None:
+        raise SystemExit(f"model {name_or_path!r} has no chat template; use an instruct/chat model")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Policy(model.eval(), tokenizer, str(name_or_path))
+
+
+# ------------------------------------------------------------------------------------ SFT, warm start
+def random_transcripts(path: Path, n_per_game: int, seed: int = 0) -> Path:
+    """Scripted random-legal play of every game, the learner seat's view as chat JSONL (HF format)."""
+    with open(path, "w") as f:
+        for name in games.GAMES:
+            for i in range(n_per_game):
+                g = games.make(name).reset(seed * 1_000_003 + i)
+                messages = []
+                while not g.done:
+                    seat = g.to_move
+                    if seat != g.learner_seat:
+                        g.step(seat, g.scripted_reply(seat))
+                        continue
+                    reply = g.random_reply(seat)
+                    messages += [{"role": "user", "content": g.prompt(seat)}, {"role": "assistant", "content": reply}]
+                    g.step(seat, reply)
+                meta = {"game": name, "seed": seed * 1_000_003 + i, "player": "random-legal", "reward": g.rewards[g.learner_seat]}
+                f.write(json.dumps({"messages": messages, "meta": meta}) + "\n")
+    return path
+
+
+def encode_conversation(policy: Policy, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of a chat and a 0/1 mask of the assistant's tokens, built turn by turn as in rollouts."""
+    ids, mask, history = [], [], []
+    for m in messages:
+        if m["role"] == "assistant":
+            chunk = policy.reply_ids(m["content"])
+            mask += [1] * len(chunk)
+        else:
+            chunk = policy.user_turn_ids(history, m["content"])
+            mask += [0] * len(chunk)
+        ids += chunk
+        history.append(m)
+    return ids, mask
+
+
+def sft(policy: Policy, data: Path, epochs: float = 1.0, batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
+        desc: str = "SFT") -> list[float]:
+    """Supervised fine-tuning on the assistant turns of a chat JSONL file. Returns the loss per step."""
+    rows = [json.loads(line) for line in open(data)]
+    examples = [encode_conversation(policy, r["messages"]) for r in rows]
+    # Batches of similar length waste little on padding; their order is shuffled every epoch.
+    by_length = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    batches = [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
+    rng = random.Random(seed)
+    plan = [b for _ in range(math.ceil(epochs)) for b in rng.sample(batches, len(batches))]
+    steps = max(1, int(len(batches) * epochs))
+    model = policy.model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
+    losses = []
+    for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
+        batch = [examples[i] for i in plan[step]]
+        logp = token_logprobs(policy, [ids for ids, _ in batch])
+        mask = torch.zeros_like(logp)
+        for i, (_, m) in enumerate(batch):
+            mask[i, :len(m) - 1] = torch.tensor(m[1:], dtype=logp.dtype)
+        loss = -(logp * mask).sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+WARM_START = dict(n_per_game=1200, epochs=2.0, batch_size=16, lr=2e-3)
+
+
+def warm_start(seed: int = 0, **overrides) -> Path:
+    """The tiny model after SFT on random-legal play; built once, cached under .cache/ and reused."""
+    settings = {**WARM_START, **overrides}
+    key = hashlib.sha1(json.dumps([TINY_VERSION, TINY_CONFIG, settings, seed], sort_keys=True).encode()).hexdigest()[:10]
+    path = CACHE_DIR / f"tiny-warm-{key}"
+    if (path / "config.json").exists():
+        return path
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    base = build_tiny(CACHE_DIR / f"tiny-base-{key}", seed)
+    policy = load_policy(str(base), device="cpu")
+    data = random_transcripts(CACHE_DIR / f"warmstart-{key}.jsonl", settings["n_per_game"], seed)
+    losses = sft(policy, data, settings["epochs"], settings["batch_size"], settings["lr"], seed, desc="warm start (SFT)")
+    save_atomic(policy.model, policy.tokenizer, path)
+    shutil.rmtree(base, ignore_errors=True)
+    print(f"warm start: {len(losses)} SFT steps, final loss {sum(losses[-20:]) / len(losses[-20:]):.3f}, "
+          f"{time.time() - start:.0f}s -> {path}")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def bench(policy: Policy, batch_sizes=(1, 8, 64), max_new_tokens: int = 32) -> dict[int, float]:
+    """New tokens per second when generating replies to a batch of game prompts (no stop at end of turn)."""
+    results = {}
+    for n in batch_sizes:
+        batch = ChatBatch(policy, n, seed=0)
+        for r in range(n):
+            name = list(games.GAMES)[r % 3]
+            g = games.make(name).reset(r)
+            batch.add_user(r, g.prompt(g.to_move))
+        stop = policy.stop_ids
+        policy.stop_ids = set()  # measure a fixed number of tokens per row
+        start = time.time()
+        batch.generate(list(range(n)), max_new_tokens)
+        policy.stop_ids = stop
+        results[n] = batch.new_tokens / (time.time() - start)
+        print(f"batch {n:>3}: {results[n]:8.0f} new tokens/s (prompt prefill included)")
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("warmstart", help="build and warm-start the tiny model (cached)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the transcripts and the SFT order")
+    p = sub.add_parser("sft", help="supervised fine-tuning on a chat JSONL file ({'messages': [...]} per line)")
+    p.add_argument("--model", default="tiny", help="'tiny' or a local model folder")
+    p.add_argument("--data", required=True, help="JSONL transcripts in the Hugging Face conversational format")
+    p.add_argument("--out", required=True, help="folder to save the fine-tuned model to")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--batch-size", type=int, default=8, help="conversations per step")
+    p = sub.add_parser("bench", help="generation throughput")
+    p.add_argument("--model", default="tiny", help="'tiny' or a local model folder")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per row")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.command == "warmstart":
+        print(warm_start(seed=args.seed))
+    elif args.command == "sft":
+        if not Path(args.data).is_file():
+            parser.error(f"no such transcript file: {args.data}")
+        policy = load_policy(args.model)
+        losses = sft(policy, Path(args.data), args.epochs, args.batch_size, args.lr)
+        save_atomic(policy.model, policy.tokenizer, Path(args.out))
+        print(f"{len(losses)} steps, last loss {losses[-1]:.3f}, saved to {args.out}")
+    else:
+        print(f"{args.model}: {sum(p.numel() for p in load_policy(args.model).model.parameters()):,} parameters")
+        bench(load_policy(args.model), max_new_tokens=args.max_new_tokens)
+
+
+if __name__ == "__main__":
+    main()
