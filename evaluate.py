@@ -1,16 +1,26 @@
 """Evaluation: how well a model plays, with 95% Wilson intervals, on seeds never used in training.
 
-    python evaluate.py --baselines 1000     # win/draw/loss of random and scripted play, N seeded games each
+    python evaluate.py --model tiny --games matrix,tictactoe,spy          # one model, every fixed opponent
+    python evaluate.py --model runs/A/checkpoint,runs/B/checkpoint --split test   # side by side
+    python evaluate.py --plot runs/NAME                 # learning curves (PNG with matplotlib, else text)
+    python evaluate.py --model tiny --benchmark questions.jsonl   # multiple-choice log-likelihood score
+    python evaluate.py --baselines 1000                 # random and scripted play, N seeded games each
 
 Matrix: a "win" is a correct answer under SPEC.md's equilibrium rule. TicTacToe: the learner's seat against
-the named opponent. Spy: the learner's side, among scripted (lexicon) players.
+the random and the expert player. Spy: the learner's side among scripted (lexicon) players, also split by
+the learner's role. Games are batched like the training rollouts. Results also go to a JSON file.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
+from pathlib import Path
 
-from games import make, play
+import torch
+
+from games import GAMES, make, play
 
 EVAL_SEED = 2_000_000_000  # evaluation seeds start here; training seeds stay far below
 
@@ -92,13 +102,129 @@ def baseline_rows(n: int) -> list[tuple[str, str, dict[str, float]]]:
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baselines", type=int, default=1000, metavar="N", help="seeded games per setting")
-    args = parser.parse_args()
-    print(f"{'game':<11}{'setting (win = learner / civilian side)':<40}{'win':>7}{'draw':>7}{'loss':>7}")
-    for game, setting, rates in baseline_rows(args.baselines):
-        print(f"{game:<11}{setting:<40}" + "".join(f"{rates[k]:>7.1%}" for k in ("win", "draw", "loss")))
+# Fixed opponents per game: (label, TicTacToe opponent spec). Spy always uses its scripted players.
+OPPONENTS = {"matrix": [("-", "random")], "tictactoe": [("random", "random"), ("expert", "expert")],
+             "spy": [("scripted", "random")]}
+
+
+def evaluate_model(policy, names, n, split, temperature) -> dict[str, dict]:
+    """Every game against each of its fixed opponents: {"game/opponent": score row}."""
+    out = {}
+    for name in names:
+        for label, spec in OPPONENTS[name]:
+            out[f"{name}/{label}"] = score(policy, [name], n, split, spec, temperature)[name]
+    return out
+
+
+def results_table(results: dict[str, dict[str, dict]]) -> str:
+    """Rows: models; columns: game/opponent; cells: win rate [95% CI] (and invalid-reply rate)."""
+    columns = list(next(iter(results.values())))
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for model, row in results.items():
+        cells = [f"{row[c]['win']:.0%} [{row[c]['win_ci'][0]:.0%}, {row[c]['win_ci'][1]:.0%}] inv {row[c]['invalid']:.0%}"
+                 for c in columns]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def detail_lines(model: str, row: dict[str, dict]) -> list[str]:
+    lines = [f"{model}:"]
+    for column, r in row.items():
+        ci = lambda k: f"{r[k]:6.1%} [{r[k + '_ci'][0]:.1%}, {r[k + '_ci'][1]:.1%}]"
+        extra = "".join(f"  win as {k}: {r['win_as_' + k]:.1%}" for k in ("civilian", "spy") if f"win_as_{k}" in r)
+        lines.append(f"  {column:<20} win {ci('win')}  draw {ci('draw')}  loss {ci('loss')}  "
+                     f"invalid {ci('invalid')} of {r['turns']} turns{extra}")
+    return lines
+
+
+def benchmark_score(policy, path: Path) -> dict[str, float]:
+    """Multiple choice from a JSONL file of {"question", "choices": [...], "answer": index or choice text}:
+    the model picks the choice with the highest total log-likelihood after the question (as a user turn)."""
+    from policy import token_logprobs
+    correct = total = 0
+    for line in open(path):
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        answer = item["answer"] if isinstance(item["answer"], int) else item["choices"].index(item["answer"])
+        prompt = policy.user_turn_ids([], item["question"])
+        seqs = [prompt + policy.tokenizer(f" {c}", add_special_tokens=False)["input_ids"] for c in item["choices"]]
+        with torch.no_grad():
+            logp = token_logprobs(policy, seqs)
+        scores = [float(logp[i, len(prompt) - 1:len(s) - 1].sum()) for i, s in enumerate(seqs)]
+        correct += max(range(len(scores)), key=scores.__getitem__) == answer
+        total += 1
+    return {"accuracy": correct / max(1, total), "n": total, "ci": wilson(correct, total)}
+
+
+def plot_curves(run_dir: Path, keys=("reward", "kl", "entropy")) -> str:
+    """Learning curves from metrics.jsonl: a PNG if matplotlib is installed, else a text table."""
+    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if line.strip()]
+    keys = [k for k in keys if any(k in m for m in metrics)] + sorted(
+        {k for m in metrics for k in m if k.endswith("/win")})
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib for a PNG); the curves as text:")
+        rows = [f"{'step':>5} " + " ".join(f"{k:>16}" for k in keys)]
+        rows += [f"{m['step']:>5} " + " ".join(f"{m.get(k, float('nan')):>16.3f}" for k in keys) for m in metrics]
+        return "\n".join(rows)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.plot([m["step"] for m in metrics if key in m], [m[key] for m in metrics if key in m])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    out = run_dir / "curves.png"
+    fig.savefig(out, dpi=100)
+    return f"wrote {out}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="comma-separated: 'tiny' or local model folders (checkpoints)")
+    parser.add_argument("--games", default="matrix,tictactoe,spy", help="comma-separated games")
+    parser.add_argument("--n", type=int, default=100, help="seeded games per game and opponent")
+    parser.add_argument("--split", default="train", choices=["train", "test", "both"], help="game split (test: held-out templates and words)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy")
+    parser.add_argument("--out", default=None, help="JSON file for the results (default: next to the model, or ./eval.json)")
+    parser.add_argument("--plot", default=None, metavar="RUN_DIR", help="draw learning curves of a run instead")
+    parser.add_argument("--benchmark", default=None, metavar="JSONL", help="score a multiple-choice file instead")
+    parser.add_argument("--baselines", type=int, default=0, metavar="N", help="print random/scripted baselines instead")
+    args = parser.parse_args(argv)
+    if args.plot:
+        if not (Path(args.plot) / "metrics.jsonl").exists():
+            parser.error(f"no metrics.jsonl in {args.plot}")
+        print(plot_curves(Path(args.plot)))
+        return
+    if args.baselines:
+        print(f"{'game':<11}{'setting (win = learner / civilian side)':<40}{'win':>7}{'draw':>7}{'loss':>7}")
+        for game, setting, rates in baseline_rows(args.baselines):
+            print(f"{game:<11}{setting:<40}" + "".join(f"{rates[k]:>7.1%}" for k in ("win", "draw", "loss")))
+        return
+    names = [g.strip() for g in args.games.split(",") if g.strip()]
+    unknown = [g for g in names if g not in GAMES]
+    if unknown or args.n < 1:
+        parser.error(f"unknown game {unknown[0]!r}; valid: {', '.join(GAMES)}" if unknown else "--n must be at least 1")
+    from policy import load_policy
+    results = {}
+    for model in args.model.split(","):
+        policy = load_policy(model)
+        if args.benchmark:
+            results[model] = benchmark_score(policy, Path(args.benchmark))
+            print(f"{model}: accuracy {results[model]['accuracy']:.1%} on {results[model]['n']} questions")
+            continue
+        for split in (["train", "test"] if args.split == "both" else [args.split]):
+            row = evaluate_model(policy, names, args.n, split, args.temperature)
+            results[f"{model} ({split})"] = row
+            print("\n".join(detail_lines(f"{model} ({split})", row)), file=sys.stderr)
+    if not args.benchmark:
+        print(results_table(results))
+    out = Path(args.out or "eval.json")
+    out.write_text(json.dumps(results, indent=1))
+    print(f"results written to {out}")
 
 
 if __name__ == "__main__":

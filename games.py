@@ -339,7 +339,7 @@ class TicTacToe(Game):
     def _prompt(self, seat):
         free = " ".join(f"({i // 3 + 1},{i % 3 + 1})" for i in self.legal_moves())
         return (f"TicTacToe. You play {self.marks[seat]}; three in a row wins.\n{self.render()}\n"
-                f"Free cells: {free}\nReply with your move as {answer('(row,col)')}.")
+                f"Reply with your move as {answer('(row,col)')}, one of the free cells:\n{free}")
 
     def _apply(self, seat, move):
         found = re.fullmatch(r"\(?\s*(\d)\s*,\s*(\d)\s*\)?", move)

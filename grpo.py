@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import random
 import sys
 import time
@@ -156,10 +155,10 @@ def training_tensors(batch, rows):
     return [batch.ids[r] for r in rows], mask, logp_old
 
 
-def update(learner, reference, optimizer, batch, rows, advantages, args) -> dict[str, float]:
+def update(learner, reference, optimizer, batch, rows, advantages, args, step=0) -> dict[str, float]:
     """Several minibatch updates over the kept episodes `rows` of one rollout batch."""
     dev = learner.device
-    order = random.Random(args.seed).sample(rows, len(rows))
+    order = random.Random(f"{args.seed}:{step}").sample(rows, len(rows))
     chunks = [c for c in np.array_split(order, args.minibatches) if len(c)]
     logs = {"loss": [], "kl": [], "clip_ratio": [], "entropy": [], "approx_kl": [], "grad_norm": []}
     learner.model.train()
@@ -320,7 +319,7 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals) -> di
     rewards = torch.tensor([g.rewards[g.learner_seat] for g in episodes]).view(args.instances, args.group_size)
     advantages, keep = group_advantages(rewards, args.scale_rewards, args.top_groups)
     rows = [b * args.group_size + k for b in range(args.instances) if keep[b] for k in range(args.group_size)]
-    logs = update(learner, reference, optimizer, batch, rows, advantages.flatten().tolist(), args) if rows else {}
+    logs = update(learner, reference, optimizer, batch, rows, advantages.flatten().tolist(), args, step) if rows else {}
     lengths = [sum(batch.sampled[r]) for r in range(len(episodes))]
     turns = sum(m["role"] == "assistant" for msgs in batch.messages for m in msgs)
     totals["turns"] += turns

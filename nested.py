@@ -16,8 +16,9 @@ learner is always seat 0 of a nested game; the other seats map onto each sub-gam
 from __future__ import annotations
 
 import argparse
+import json
 import math
-import sys
+from pathlib import Path
 
 import games
 
@@ -107,3 +108,61 @@ class NestedGame(games.Game):
 
     def random_reply(self, seat: int) -> str:
         return self.game.random_reply(self._seat_map()[seat])
+
+
+# ------------------------------------------------------------------------------------ the comparison
+def compare(argv=None):
+    """Single-game runs, mixed and nested, from the same start with the same seed and the same budget of
+    learner turns; then every model is evaluated on every game, on the train and the held-out split."""
+    import grpo
+    from policy import load_policy
+    p = argparse.ArgumentParser(description="nested vs mixed at equal budgets")
+    p.add_argument("--compare", action="store_true", help="run the comparison (required)")
+    p.add_argument("--games", default="matrix,tictactoe,spy", help="comma-separated games, in nesting order")
+    p.add_argument("--budget-turns", type=int, default=3000, help="learner turns each run may consume")
+    p.add_argument("--eval-games", type=int, default=100, help="evaluation games per game and split")
+    p.add_argument("--seed", type=int, default=0, help="the same seed for every run")
+    p.add_argument("--runs-dir", default="runs/compare", help="where the runs go")
+    p.add_argument("--train-args", default="", help="extra grpo.py arguments for every run, e.g. '--lr 1e-4'")
+    args = p.parse_args(argv)
+    if not args.compare:
+        p.error("pass --compare to run the comparison")
+    names = [g.strip() for g in args.games.split(",") if g.strip()]
+    runs = {name: ["--games", name] for name in names}
+    runs["mixed"] = ["--games", ",".join(names), "--mode", "mixed"]
+    runs["nested"] = ["--games", ",".join(names), "--mode", "nested"]
+    common = ["--budget-turns", str(args.budget_turns), "--steps", "100000", "--eval-games", "0",
+              "--seed", str(args.seed), *args.train_args.split()]
+    rows = {"warm start": evaluate_all(load_policy("tiny"), names, args)}
+    consumed = {}
+    for label, run_args in runs.items():
+        run = grpo.parse_args([*run_args, *common, "--run-dir", f"{args.runs_dir}/{label}"])
+        learner = grpo.train(run)
+        consumed[label] = [json.loads(line) for line in open(run.run_dir / "metrics.jsonl")][-1]
+        rows[label] = evaluate_all(learner, names, args)
+    table = gift_table(rows, names)
+    print(table)
+    print("\nconsumed: " + "; ".join(f"{k}: {m['step']} steps, {m['total_episodes']} episodes, "
+                                      f"{m['total_learner_turns']} turns, {m['total_learner_tokens']} tokens"
+                                      for k, m in consumed.items()))
+    Path(args.runs_dir, "comparison.md").write_text(table + "\n")
+    return rows
+
+
+def evaluate_all(policy, names, args) -> dict:
+    import evaluate
+    return {split: evaluate.score(policy, names, args.eval_games, split) for split in ("train", "test")}
+
+
+def gift_table(rows: dict, names: list[str]) -> str:
+    """Rows: training runs; columns: each game's success rate on the train and the held-out split."""
+    head = "| trained on | " + " | ".join(f"{n} (train) | {n} (test)" for n in names) + " |"
+    lines = [head, "|---" * (1 + 2 * len(names)) + "|"]
+    for label, result in rows.items():
+        cells = [f"{result[split][n]['win']:.0%}" for n in names for split in ("train", "test")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    compare()

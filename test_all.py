@@ -1,8 +1,8 @@
 """The test suite: `python -m pytest -q test_all.py`. Tiny model, tiny budgets; truths worked out by hand."""
 import copy
 import json
-import itertools
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -550,3 +550,141 @@ def test_training_run_logs_checkpoints_and_resumes_exactly(warm, tmp_path):
     timing = {"tokens_per_s", "step_s", "rollout_s"}
     assert [{k: v for k, v in m.items() if k not in timing} for m in split] == \
            [{k: v for k, v in m.items() if k not in timing} for m in full]
+
+
+# =============================================================================================== nested
+import nested  # noqa: E402
+
+
+def _nested(seed=0, reward="mean"):
+    return nested.NestedGame(["matrix", "tictactoe", "spy"], reward=reward).reset(seed)
+
+
+def test_nested_reward_rules_by_hand():
+    assert nested.NESTED_REWARDS["mean"]([1.0, 0.5, 0.0]) == 0.5
+    assert nested.NESTED_REWARDS["min"]([1.0, 0.5, -0.1]) == -0.1
+    assert nested.NESTED_REWARDS["product"]([1.0, 0.5, 0.8]) == pytest.approx(0.4)
+    assert nested.NESTED_REWARDS["product"]([1.0, 0.9, -0.1]) == 0.0
+    with pytest.raises(ValueError, match="mean, min, product"):
+        nested.NestedGame(["matrix", "spy"], reward="max")
+    for rule in nested.NESTED_REWARDS:
+        g = _nested(3, rule)
+        games.play(g, ["scripted"] * g.num_seats)
+        assert g.done and g.rewards[0] == pytest.approx(nested.NESTED_REWARDS[rule](g.sub_rewards()))
+
+
+def test_nested_hand_over_and_a_failed_sub_game_does_not_stop_the_episode():
+    g = _nested(1)
+    assert g.to_move == 0 and g.game.name == "matrix" and "[Game" not in g.prompt(0)
+    for _ in range(3):  # the matrix sub-game is forfeited
+        assert not g.step(0, "no idea")
+    assert not g.done and g.game.name == "tictactoe"
+    while g.to_move != 0:
+        g.step(g.to_move, g.scripted_reply(g.to_move))
+    assert g.prompt(0).startswith("[Game 1 of 3 (matrix) is over: you lost. Game 2 of 3: tictactoe.]\n")
+    g.step(0, g.scripted_reply(0))
+    while g.to_move != 0:  # nobody can win TicTacToe in the first three moves
+        g.step(g.to_move, g.scripted_reply(g.to_move))
+    assert g.game.name == "tictactoe" and "[Game" not in g.prompt(0)  # the hand-over is shown once
+    while not g.done:
+        g.step(g.to_move, g.scripted_reply(g.to_move))
+    assert g.sub_rewards()[0] == pytest.approx(-0.3) and g.invalid[0] >= 3
+    assert g.rewards[0] == pytest.approx(sum(g.sub_rewards()) / 3)
+
+
+def test_nested_is_reproducible_per_seed():
+    def transcript(seed):
+        g, seen = _nested(seed), []
+        while not g.done:
+            seen.append(g.prompt(g.to_move))
+            g.step(g.to_move, g.scripted_reply(g.to_move))
+        return seen, g.rewards
+    assert transcript(5) == transcript(5) and transcript(5) != transcript(6)
+
+
+def test_nested_learner_mask_covers_exactly_the_learner_tokens_across_sub_games(tiny):
+    episodes = [_nested(s) for s in range(3)]
+    batch = grpo.rollout(tiny, episodes, temperature=1.0, max_new_tokens=6, seed=0)
+    for r, g in enumerate(episodes):
+        assert g.done and all(sub.done for sub in g.subgames)  # a random model forfeits, the episode goes on
+        ids, sampled = batch.ids[r], batch.sampled[r]
+        runs, current = [], None
+        for token, s in zip(ids, sampled):
+            if s and current is None:
+                current = []
+                runs.append(current)
+            if s:
+                current.append(token)
+            else:
+                current = None
+        replies = [m["content"] for m in batch.messages[r] if m["role"] == "assistant"]
+        assert [tiny.decode(run) for run in runs] == replies
+        users = [m["content"] for m in batch.messages[r] if m["role"] == "user"]
+        handovers = [u for u in users if u.startswith("[Game ")]
+        assert len(handovers) == 2  # matrix -> tictactoe, tictactoe -> spy
+        masked_text = tiny.tokenizer.decode([t for t, s in zip(ids, sampled) if not s])
+        assert all(h.split("\n")[0] in masked_text for h in handovers)
+
+
+def test_grpo_modes_from_the_command_line():
+    assert grpo.parse_args(["--games", "matrix,spy"]).mode == "nested"
+    assert grpo.parse_args(["--games", "matrix,spy", "--mode", "mixed"]).mode == "mixed"
+    assert grpo.parse_args(["--games", "spy"]).mode == "single"
+    args = grpo.parse_args(["--games", "matrix,tictactoe", "--instances", "4"])
+    assert {name for name, _ in grpo.step_instances(args, 0)} == {"matrix>tictactoe"}
+    args = grpo.parse_args(["--games", "matrix,tictactoe", "--mode", "mixed", "--instances", "64"])
+    assert {name for name, _ in grpo.step_instances(args, 0)} == {"matrix", "tictactoe"}
+    assert grpo.step_instances(args, 3) == grpo.step_instances(args, 3) != grpo.step_instances(args, 4)
+
+
+# ============================================================================================= evaluate
+import evaluate  # noqa: E402
+
+
+def test_wilson_interval_matches_known_values():
+    assert evaluate.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert evaluate.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert evaluate.wilson(81, 100) == pytest.approx((0.7222, 0.8749), abs=1e-4)
+    assert evaluate.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_evaluation_of_the_warm_start_is_reproducible(warm):
+    first = evaluate.evaluate_model(warm, ["matrix", "tictactoe"], 20, "test", temperature=1.0)
+    again = evaluate.evaluate_model(warm, ["matrix", "tictactoe"], 20, "test", temperature=1.0)
+    assert first == again and set(first) == {"matrix/-", "tictactoe/random", "tictactoe/expert"}
+    assert first["tictactoe/expert"]["win"] == 0.0  # nobody beats the expert
+    assert "tictactoe/random" in evaluate.results_table({"warm": first})
+
+
+class _Rigged(torch.nn.Module):
+    """A 'model' that likes one token id above all others, whatever the context."""
+
+    def __init__(self, vocab, liked):
+        super().__init__()
+        self.vocab, self.liked, self.w = vocab, liked, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.liked] = 8.0
+        return type("Out", (), {"logits": logits + self.w})()
+
+
+def test_benchmark_scorer_picks_the_choice_a_rigged_model_prefers(tiny, tmp_path):
+    liked = tiny.tokenizer("zebra", add_special_tokens=False)["input_ids"]
+    rigged = policy_lib.Policy.__new__(policy_lib.Policy)
+    rigged.__dict__.update(tiny.__dict__, model=_Rigged(len(tiny.tokenizer), liked))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps(q) for q in [
+        {"question": "Which animal?", "choices": ["cat", "zebra", "dog"], "answer": 1},
+        {"question": "Which colour?", "choices": ["zebra", "red"], "answer": "red"},
+        {"question": "Pick one", "choices": ["apple", "pear", "zebra"], "answer": 2}]) + "\n")
+    result = evaluate.benchmark_score(rigged, questions)
+    assert result["n"] == 3 and result["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_learning_curves_as_text_without_matplotlib(tmp_path, monkeypatch):
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(
+        {"step": s, "reward": 0.1 * s, "kl": 0.01, "matrix/win": 0.5}) for s in (1, 2, 3)) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    text = evaluate.plot_curves(tmp_path)
+    assert "matrix/win" in text and text.splitlines()[-1].split()[:2] == ["3", "0.300"]
