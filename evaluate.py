@@ -139,7 +139,7 @@ def detail_lines(model: str, row: dict[str, dict]) -> list[str]:
 
 def benchmark_score(policy, path: Path) -> dict[str, float]:
     """Multiple choice from a JSONL file of {"question", "choices": [...], "answer": index or choice text}:
-    the model picks the choice with the highest total log-likelihood after the question (as a user turn)."""
+    the model picks the choice with the highest total log-likelihood as its reply to the question."""
     from policy import token_logprobs
     correct = total = 0
     for line in open(path):
@@ -148,7 +148,7 @@ def benchmark_score(policy, path: Path) -> dict[str, float]:
         item = json.loads(line)
         answer = item["answer"] if isinstance(item["answer"], int) else item["choices"].index(item["answer"])
         prompt = policy.user_turn_ids([], item["question"])
-        seqs = [prompt + policy.tokenizer(f" {c}", add_special_tokens=False)["input_ids"] for c in item["choices"]]
+        seqs = [prompt + policy.reply_ids(str(c)) for c in item["choices"]]  # each choice as a whole reply
         with torch.no_grad():
             logp = token_logprobs(policy, seqs)
         scores = [float(logp[i, len(prompt) - 1:len(s) - 1].sum()) for i, s in enumerate(seqs)]

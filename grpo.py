@@ -158,8 +158,10 @@ def training_tensors(batch, rows):
 def update(learner, reference, optimizer, batch, rows, advantages, args, step=0) -> dict[str, float]:
     """Several minibatch updates over the kept episodes `rows` of one rollout batch."""
     dev = learner.device
-    order = random.Random(f"{args.seed}:{step}").sample(rows, len(rows))
-    chunks = [c for c in np.array_split(order, args.minibatches) if len(c)]
+    # Minibatches of similar lengths waste little compute on padding; their order is shuffled.
+    by_length = sorted(rows, key=lambda r: len(batch.ids[r]))
+    chunks = [c for c in np.array_split(by_length, args.minibatches) if len(c)]
+    chunks = random.Random(f"{args.seed}:{step}").sample(chunks, len(chunks))
     logs = {"loss": [], "kl": [], "clip_ratio": [], "entropy": [], "approx_kl": [], "grad_norm": []}
     learner.model.train()
     for chunk in chunks:
@@ -208,10 +210,10 @@ def parse_args(argv=None):
                    help="other seats: random | expert | eps:P (TicTacToe's scripted player; Spy always uses "
                         "its scripted lexicon players), self (a frozen copy of the learner) or model:PATH")
     p.add_argument("--self-refresh", type=int, default=10, help="with --opponent self: refresh the copy every K steps")
-    p.add_argument("--steps", type=int, default=100, help="GRPO steps")
-    p.add_argument("--instances", type=int, default=8, help="B: game instances (seeds) per step")
+    p.add_argument("--steps", type=int, default=30, help="GRPO steps")
+    p.add_argument("--instances", type=int, default=4, help="B: game instances (seeds) per step")
     p.add_argument("--group-size", type=int, default=8, help="G: episodes per instance (at least 2)")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--beta", type=float, default=0.04, help="weight of the k3 KL to the start model (0: no reference)")
     p.add_argument("--eps-low", type=float, default=0.2, help="ratio clip below 1")
     p.add_argument("--eps-high", type=float, default=0.28, help="ratio clip above 1")

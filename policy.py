@@ -390,7 +390,7 @@ def sft(policy: Policy, data: Path, epochs: float = 1.0, batch_size: int = 16, l
     return losses
 
 
-WARM_START = dict(n_per_game=600, drill_epochs=3.0, epochs=1.0, batch_size=32, lr=1e-3)
+WARM_START = dict(n_per_game=600, drill_epochs=1.0, epochs=2.0, batch_size=32, lr=1e-3)
 
 
 def warm_start(seed: int = 0, **overrides) -> Path:
