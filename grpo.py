@@ -168,11 +168,11 @@ def update(learner, reference, optimizer, batch, rows, advantages, args, step=0)
         chunk = [int(r) for r in chunk]
         seqs, mask, logp_old = training_tensors(batch, chunk)
         mask, logp_old = mask.to(dev), logp_old.to(dev)
-        logp, entropy = policy_lib.token_logprobs(learner, seqs, args.temperature, with_entropy=True)
+        logp, entropy = policy_lib.token_logprobs(learner, seqs, args.temperature, with_entropy=True, only=mask)
         logp_ref = None
         if args.beta > 0:
             with torch.no_grad():
-                logp_ref = policy_lib.token_logprobs(reference, seqs, args.temperature)
+                logp_ref = policy_lib.token_logprobs(reference, seqs, args.temperature, only=mask)
         adv = torch.tensor([advantages[r] for r in chunk], device=dev)
         loss, diag = grpo_loss(logp, logp_old, logp_ref, adv, mask, args.eps_low, args.eps_high, args.beta,
                                args.aggregation)

@@ -196,9 +196,12 @@ class ChatBatch:
         return texts
 
 
-def token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1.0, with_entropy=False):
+def token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1.0, with_entropy=False,
+                   only: torch.Tensor | None = None):
     """log pi(token_t | tokens_<t) at `temperature` for every token after the first, one row per sequence
-    (right-padded); the gradient flows. Optionally the entropy of each predictive distribution too."""
+    (right-padded); the gradient flows. Optionally the entropy of each predictive distribution too.
+    `only` (a 0/1 mask shaped like the result) restricts the LM head to the positions that matter, e.g.
+    the learner's own tokens: the long prompts then cost one pass of the decoder and no vocabulary."""
     dev = policy.device
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), policy.pad_id, dtype=torch.long)
@@ -206,12 +209,23 @@ def token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1
     for i, s in enumerate(seqs):
         ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
     ids, mask = ids.to(dev), mask.to(dev)
-    logits = policy.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    logp_all = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1)
-    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    if not with_entropy:
-        return logp
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
+    targets = ids[:, 1:]
+    if only is None:
+        logits = policy.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        where = None
+    else:
+        hidden = policy.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        where = only.to(dev).bool()
+        logits = policy.model.get_output_embeddings()(hidden[where])
+        targets = targets[where]
+    logp_all = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1)
+    picked = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    if where is not None:  # scatter back to [sequences, tokens]
+        picked = torch.zeros(where.shape, device=dev, dtype=picked.dtype).masked_scatter(where, picked)
+        if with_entropy:
+            entropy = torch.zeros(where.shape, device=dev, dtype=entropy.dtype).masked_scatter(where, entropy)
+    return (picked, entropy) if with_entropy else picked
 
 
 # --------------------------------------------------------------------------------- loading models

@@ -692,3 +692,13 @@ def test_learning_curves_as_text_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
     text = evaluate.plot_curves(tmp_path)
     assert "matrix/win" in text and text.splitlines()[-1].split()[:2] == ["3", "0.300"]
+
+
+def test_logprobs_restricted_to_learner_tokens_match_the_full_computation(tiny):
+    batch = _multi_turn(tiny)
+    seqs, mask, _ = grpo.training_tensors(batch, [0, 1, 3])
+    with torch.no_grad():
+        full, full_entropy = policy_lib.token_logprobs(tiny, seqs, with_entropy=True)
+        part, part_entropy = policy_lib.token_logprobs(tiny, seqs, with_entropy=True, only=mask)
+    assert torch.allclose(full * mask, part, atol=1e-5) and torch.allclose(full_entropy * mask, part_entropy, atol=1e-4)
+    assert (part[mask == 0] == 0).all() and mask.sum() > 10
