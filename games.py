@@ -112,7 +112,10 @@ class Game:
     def _forfeit(self, seat: int) -> None: ...
     def _prompt(self, seat: int) -> str: ...
     def scripted_reply(self, seat: int) -> str: ...
-    def random_reply(self, seat: int) -> str: ...
+    def legal_replies(self, seat: int) -> list[str] | None: ...  # every valid reply, None for free text
+
+    def random_reply(self, seat: int) -> str:
+        return self.opponent_rng.choice(self.legal_replies(seat))
 
 
 # ---------------------------------------------------------------------------------------------- Matrix
@@ -255,8 +258,8 @@ class MatrixGame(Game):
     def scripted_reply(self, seat):
         return answer(str(self.opponent_rng.choice(self.correct) + 1))
 
-    def random_reply(self, seat):
-        return answer(str(self.opponent_rng.randrange(self.num_actions) + 1))
+    def legal_replies(self, seat):
+        return [answer(str(a + 1)) for a in range(self.num_actions)]
 
 
 # ------------------------------------------------------------------------------------------- TicTacToe
@@ -361,8 +364,8 @@ class TicTacToe(Game):
             return self.random_reply(seat)
         return self._reply(self.opponent_rng.choice(expert_moves(self.board, self.marks[seat])))
 
-    def random_reply(self, seat):
-        return self._reply(self.opponent_rng.choice(self.legal_moves()))
+    def legal_replies(self, seat):
+        return [self._reply(cell) for cell in self.legal_moves()]
 
 
 # ------------------------------------------------------------------------------------- Who's the Spy
@@ -581,11 +584,14 @@ class Spy(Game):
         lowest = min(key(s) for s in others)
         return answer(f"Player {self.opponent_rng.choice([s for s in others if key(s) == lowest]) + 1}")
 
+    def legal_replies(self, seat):
+        return None if self.phase < self.ROUNDS else [answer(f"Player {s + 1}") for s in range(4) if s != seat]
+
     def random_reply(self, seat):
         if self.phase < self.ROUNDS:
             choices = _attributes_without(self.words[seat])
             return answer(self.opponent_rng.choice(DESCRIPTION_TEMPLATES).format(self.opponent_rng.choice(choices)))
-        return answer(f"Player {self.opponent_rng.choice([s for s in range(4) if s != seat]) + 1}")
+        return super().random_reply(seat)
 
 
 GAMES = {"matrix": MatrixGame, "tictactoe": TicTacToe, "spy": Spy}

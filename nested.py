@@ -109,6 +109,9 @@ class NestedGame(games.Game):
     def random_reply(self, seat: int) -> str:
         return self.game.random_reply(self._seat_map()[seat])
 
+    def legal_replies(self, seat: int) -> list[str] | None:
+        return self.game.legal_replies(self._seat_map()[seat])
+
 
 # ------------------------------------------------------------------------------------ the comparison
 def compare(argv=None):

@@ -43,7 +43,7 @@ TINY_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 TINY_CONFIG = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True)
-TINY_VERSION = 7  # bump when anything that shapes the tiny model or its warm start changes
+TINY_VERSION = 8  # bump when anything that shapes the tiny model or its warm start changes
 
 
 class Policy:
@@ -318,21 +318,24 @@ def load_policy(name_or_path: str = "tiny", device: str = "auto", trust_remote_c
 
 # ------------------------------------------------------------------------------------ SFT, warm start
 def random_transcripts(path: Path, n_per_game: int, seed: int = 0) -> Path:
-    """Scripted random-legal play of every game, the learner seat's view as chat JSONL (HF format)."""
+    """Scripted random-legal play of every game, the learner seat's view as chat JSONL (HF format).
+    meta["choices"] lists, per learner turn, every legal reply (None where the reply is free text)."""
     with open(path, "w") as f:
         for name in games.GAMES:
             for i in range(n_per_game):
                 g = games.make(name).reset(seed * 1_000_003 + i)
-                messages = []
+                messages, choices = [], []
                 while not g.done:
                     seat = g.to_move
                     if seat != g.learner_seat:
                         g.step(seat, g.scripted_reply(seat))
                         continue
+                    choices.append(g.legal_replies(seat))
                     reply = g.random_reply(seat)
                     messages += [{"role": "user", "content": g.prompt(seat)}, {"role": "assistant", "content": reply}]
                     g.step(seat, reply)
-                meta = {"game": name, "seed": seed * 1_000_003 + i, "player": "random-legal", "reward": g.rewards[g.learner_seat]}
+                meta = {"game": name, "seed": seed * 1_000_003 + i, "player": "random-legal",
+                        "reward": g.rewards[g.learner_seat], "choices": choices}
                 f.write(json.dumps({"messages": messages, "meta": meta}) + "\n")
     return path
 
@@ -352,28 +355,43 @@ def encode_conversation(policy: Policy, messages: list[dict]) -> tuple[list[int]
     return ids, mask
 
 
-def drill_view(message: dict) -> dict:
-    """A user turn cut to its first line and its last two (who you are, the legal choices, the answer
-    format): a short sequence in which a random-init model learns to copy a listed move quickly."""
-    lines = message["content"].split("\n")
-    return {"role": "user", "content": "\n".join(lines[:1] + lines[1:][-2:])}
+def read_chats(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]
 
 
-def sft(policy: Policy, data: Path, epochs: float = 1.0, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-        desc: str = "SFT", turn_examples: bool = False, drills: bool = False) -> list[float]:
-    """Supervised fine-tuning on the assistant turns of a chat JSONL file. Returns the loss per step.
-    With `turn_examples`, each later assistant turn is also an example of its own (its prompt alone as the
-    context): short sequences, so many more learner turns per second of training. With `drills`, the
-    examples are the assistant turns after a short view of their prompts only (see drill_view)."""
-    rows = [json.loads(line) for line in open(data)]
-    if drills:  # every assistant turn after a short view of its prompt only
-        examples = [encode_conversation(policy, [drill_view(r["messages"][i - 1]), m]) for r in rows
-                    for i, m in enumerate(r["messages"]) if m["role"] == "assistant"]
-    else:
-        examples = [encode_conversation(policy, r["messages"]) for r in rows]
-    if turn_examples:  # also every assistant turn on its own, after its own prompt only
+def conversation_examples(policy: Policy, rows: list[dict], turn_examples: bool = False) -> list:
+    """(ids, mask) of every conversation; with `turn_examples`, also each later assistant turn on its own
+    after its own prompt only: short sequences, so many more learner turns per second of training."""
+    examples = [encode_conversation(policy, r["messages"]) for r in rows]
+    if turn_examples:
         examples += [encode_conversation(policy, r["messages"][i - 1:i + 1]) for r in rows
                      for i, m in enumerate(r["messages"]) if m["role"] == "assistant" and i > 1]
+    return examples
+
+
+def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4, game: str | None = None) -> list:
+    """Single-turn examples of the learner turns with at most `max_choices` legal replies (meta["choices"]),
+    once with every legal reply: the exact expectation of random-legal play at that turn, not one draw.
+    Why: with most of the 9 cells free, copying a listed cell gains little over guessing any cell, and a
+    random-init model trained on whole games never starts to copy (its mass on legal cells stays at the
+    free fraction, ~0.7); with 1-4 cells left the gain is large, and 300 steps on such TicTacToe positions
+    alone teach it to copy (0.92 of its probability on legal cells in held-out multi-turn games)."""
+    examples = []
+    for r in rows:
+        if game and r.get("meta", {}).get("game") != game:
+            continue
+        turns = [i for i, m in enumerate(r["messages"]) if m["role"] == "assistant"]
+        for i, legal in zip(turns, r.get("meta", {}).get("choices") or [None] * len(turns)):
+            if legal and len(legal) <= max_choices:
+                prompt = r["messages"][i - 1]
+                examples += [encode_conversation(policy, [prompt, {"role": "assistant", "content": c}]) for c in legal]
+    return examples
+
+
+def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
+        desc: str = "SFT") -> list[float]:
+    """Supervised fine-tuning on (ids, learner mask) examples: mean NLL of the learner's tokens. Returns
+    the loss per step."""
     # Batches of similar length waste little on padding; their order is shuffled every epoch.
     by_length = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     batches = [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
@@ -388,10 +406,10 @@ def sft(policy: Policy, data: Path, epochs: float = 1.0, batch_size: int = 16, l
     losses = []
     for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
         batch = [examples[i] for i in plan[step]]
-        logp = token_logprobs(policy, [ids for ids, _ in batch])
-        mask = torch.zeros_like(logp)
+        mask = torch.zeros(len(batch), max(len(ids) for ids, _ in batch) - 1)
         for i, (_, m) in enumerate(batch):
-            mask[i, :len(m) - 1] = torch.tensor(m[1:], dtype=logp.dtype)
+            mask[i, :len(m) - 1] = torch.tensor(m[1:], dtype=mask.dtype)
+        logp = token_logprobs(policy, [ids for ids, _ in batch], only=mask)
         loss = -(logp * mask).sum() / mask.sum()
         optimizer.zero_grad()
         loss.backward()
@@ -404,11 +422,17 @@ def sft(policy: Policy, data: Path, epochs: float = 1.0, batch_size: int = 16, l
     return losses
 
 
-WARM_START = dict(n_per_game=600, drill_epochs=1.0, epochs=2.0, batch_size=32, lr=1e-3)
+# copy_games: extra random games whose few-choice turns make the drills; copy_steps: SFT steps on the
+# TicTacToe drills alone; drill_mix: drills added to the transcript phase, per transcript example.
+WARM_START = dict(n_per_game=600, copy_games=1500, copy_steps=300, drill_choices=4, epochs=2.0, drill_mix=0.5,
+                  batch_size=32, lr=1e-3)
 
 
 def warm_start(seed: int = 0, **overrides) -> Path:
-    """The tiny model after SFT on random-legal play; built once, cached under .cache/ and reused."""
+    """The tiny model after SFT on random-legal play; built once, cached under .cache/ and reused.
+    Phase 1: TicTacToe drills alone, until the model copies a listed cell (see drill_examples).
+    Phase 2: whole transcripts of all games, with drills of every game mixed in so that copying is kept
+    and the model learns which list each game's answer comes from."""
     settings = {**WARM_START, **overrides}
     key = hashlib.sha1(json.dumps([TINY_VERSION, TINY_CONFIG, settings, seed], sort_keys=True).encode()).hexdigest()[:10]
     path = CACHE_DIR / f"tiny-warm-{key}"
@@ -418,12 +442,17 @@ def warm_start(seed: int = 0, **overrides) -> Path:
     start = time.time()
     base = build_tiny(CACHE_DIR / f"tiny-base-{key}", seed)
     policy = load_policy(str(base), device="cpu")
-    data = random_transcripts(CACHE_DIR / f"warmstart-{key}.jsonl", settings["n_per_game"], seed)
-    # Short drills first: the model learns to pick from the listed choices before it sees whole prompts.
-    losses = sft(policy, data, settings["drill_epochs"], settings["batch_size"], settings["lr"], seed,
-                 desc="warm start: drills", drills=True)
-    losses += sft(policy, data, settings["epochs"], settings["batch_size"], settings["lr"], seed,
-                  desc="warm start: transcripts", turn_examples=True)
+    rows = read_chats(random_transcripts(CACHE_DIR / f"warmstart-{key}.jsonl", settings["n_per_game"], seed))
+    drill_rows = read_chats(random_transcripts(CACHE_DIR / f"drills-{key}.jsonl", settings["copy_games"], seed + 1))
+    copying = drill_examples(policy, drill_rows, settings["drill_choices"], game="tictactoe")
+    batch, lr = settings["batch_size"], settings["lr"]
+    losses = sft(policy, copying, settings["copy_steps"] * batch / len(copying), batch, lr, seed,
+                 desc="warm start 1/2: copy drills")
+    examples = conversation_examples(policy, rows, turn_examples=True)
+    drills = drill_examples(policy, drill_rows, settings["drill_choices"])
+    random.Random(seed).shuffle(drills)
+    examples += drills[:int(len(examples) * settings["drill_mix"])]
+    losses += sft(policy, examples, settings["epochs"], batch, lr, seed, desc="warm start 2/2: transcripts")
     save_atomic(policy.model, policy.tokenizer, path)
     shutil.rmtree(base, ignore_errors=True)
     print(f"warm start: {len(losses)} SFT steps, final loss {sum(losses[-20:]) / len(losses[-20:]):.3f}, "
@@ -474,7 +503,7 @@ def main():
         if not Path(args.data).is_file():
             parser.error(f"no such transcript file: {args.data}")
         policy = load_policy(args.model)
-        losses = sft(policy, Path(args.data), args.epochs, args.batch_size, args.lr)
+        losses = sft(policy, conversation_examples(policy, read_chats(Path(args.data))), args.epochs, args.batch_size, args.lr)
         save_atomic(policy.model, policy.tokenizer, Path(args.out))
         print(f"{len(losses)} steps, last loss {losses[-1]:.3f}, saved to {args.out}")
     else:

@@ -414,8 +414,33 @@ def test_sft_learns_a_transcript_file(tiny, tmp_path):
     assert all(m["role"] in ("user", "assistant") for r in rows for m in r["messages"])
     model = copy.deepcopy(tiny.model)
     student = policy_lib.Policy(model, tiny.tokenizer, "student")
-    losses = policy_lib.sft(student, data, epochs=6, batch_size=4, lr=3e-3)
+    losses = policy_lib.sft(student, policy_lib.conversation_examples(student, rows), epochs=6, batch_size=4, lr=3e-3)
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+
+
+def test_drills_hold_every_legal_reply_and_only_those(tiny, tmp_path):
+    rows = policy_lib.read_chats(policy_lib.random_transcripts(tmp_path / "t.jsonl", n_per_game=6))
+    for r in rows:  # the recorded choices are what the game accepts: each one is a valid move there
+        g = games.make(r["meta"]["game"]).reset(r["meta"]["seed"])
+        replies = iter(m["content"] for m in r["messages"] if m["role"] == "assistant")
+        for legal in r["meta"]["choices"]:
+            while g.to_move != g.learner_seat:
+                g.step(g.to_move, g.scripted_reply(g.to_move))
+            reply = next(replies)
+            assert g.random_reply(g.learner_seat) == reply  # the same draw: the replay is in step
+            assert legal is None or reply in legal
+            for other in legal or []:
+                trial = copy.deepcopy(g)
+                assert trial.step(trial.learner_seat, other), (r["meta"], other)
+            assert g.step(g.learner_seat, reply)
+    ttt = [r for r in rows if r["meta"]["game"] == "tictactoe"]
+    few = [(i, c) for r in ttt for i, c in enumerate(r["meta"]["choices"]) if len(c) <= 2]
+    drills = policy_lib.drill_examples(tiny, ttt, max_choices=2)
+    assert len(drills) == sum(len(c) for _, c in few) > 0
+    for ids, mask in drills:  # single turns: the prompt, then one reply of the listed cells
+        reply = tiny.tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True)
+        prompt = tiny.tokenizer.decode([t for t, m in zip(ids, mask) if not m], skip_special_tokens=True)
+        assert games.parse_answer(reply) in prompt.rsplit("\n", 1)[1].split()
 
 
 # ================================================================================================= grpo
@@ -509,14 +534,15 @@ def warm():
 
 
 def test_warm_start_learns_format_and_rules_not_strategy(warm, tiny):
-    """Issue 3 asks for 95% valid turns in every game; the tiny model reaches that for none yet (TicTacToe
-    is the weakest: it has not learned to copy a free cell reliably). What is asserted is what holds: most
-    turns are valid (a random-init model has almost none), and no strategy beyond random-legal play."""
+    """Issue 3 asks for 95% valid turns in every game; the tiny model reaches about 84-92% (measured).
+    What is asserted is what holds: at least 70% of turns are valid in every game (a random-init model
+    has almost none; the warm start before the copy drills had 57% in TicTacToe), and no strategy beyond
+    random-legal play."""
     import evaluate
     scores = evaluate.score(warm, list(games.GAMES), 200, temperature=1.0, seed=10_000)
     untrained = evaluate.score(tiny, list(games.GAMES), 20, temperature=1.0, seed=10_000)
     for name, row in scores.items():
-        assert row["invalid"] <= 0.5 and untrained[name]["invalid"] > row["invalid"] + 0.3, (name, row)
+        assert row["invalid"] <= 0.3 and untrained[name]["invalid"] > row["invalid"] + 0.3, (name, row)
     # Random-legal play on the same seeds: the warm start is close to it, not to the scripted experts.
     random_rate = {}
     for name in games.GAMES:
