@@ -347,8 +347,11 @@ def train(args):
     before_path = args.run_dir / "before.json"
     if args.eval_games and not before_path.exists():
         before_path.write_text(json.dumps(evaluate.score(learner, args.games, args.eval_games, opponent=args.opponent)))
-    bar = tqdm(range(first_step, args.steps), initial=first_step, total=args.steps, desc=f"GRPO ({args.mode})")
-    for step in bar:
+    # With a budget the bar counts what the budget counts (learner turns or tokens), else steps.
+    unit = "turns" if args.budget_turns else "tokens" if args.budget_tokens else None
+    bar = tqdm(total=args.budget_turns or args.budget_tokens or args.steps, unit=f" {unit or 'step'}",
+               initial=totals[unit] if unit else first_step, desc=f"GRPO ({args.mode})")
+    for step in range(first_step, args.steps):
         if args.opponent == "self" and step % args.self_refresh == 0:
             opponent.model.load_state_dict(learner.model.state_dict())
         metrics = grpo_step(args, step, learner, reference, opponent, optimizer, totals)
@@ -356,6 +359,7 @@ def train(args):
             f.write(json.dumps(metrics) + "\n")
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics.get('kl', 0):.3f}",
                         tok_s=f"{metrics['tokens_per_s']:.0f}", s_step=f"{metrics['step_s']:.1f}")
+        bar.update(metrics[f"learner_{unit}"] if unit else 1)
         over_budget = (args.budget_turns and totals["turns"] >= args.budget_turns) or \
                       (args.budget_tokens and totals["tokens"] >= args.budget_tokens)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or over_budget:
