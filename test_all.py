@@ -667,6 +667,27 @@ def test_grpo_modes_from_the_command_line():
     assert grpo.step_instances(args, 3) == grpo.step_instances(args, 3) != grpo.step_instances(args, 4)
 
 
+def test_budgeted_run_stops_at_its_budget_and_logs_what_it_consumed(warm, tmp_path, capsys):
+    run = tmp_path / "budget"
+    args = grpo.parse_args(["--games", "matrix,tictactoe", "--mode", "mixed", "--instances", "2", "--group-size", "2",
+                            "--budget-turns", "12", "--steps", "50", "--eval-games", "0", "--max-new-tokens", "8",
+                            "--run-dir", str(run)])
+    grpo.train(args)
+    metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    totals = [m["total_learner_turns"] for m in metrics]
+    assert totals == list(np.cumsum([m["learner_turns"] for m in metrics]))
+    assert totals[-1] >= 12 and all(t < 12 for t in totals[:-1]) and len(metrics) < 50
+    assert f"consumed: {metrics[-1]['total_episodes']} episodes, {totals[-1]} learner turns" in capsys.readouterr().out
+
+
+def test_gift_table_has_a_row_per_run_and_train_test_columns_per_game():
+    result = lambda m, t: {"train": {"matrix": {"win": m}, "spy": {"win": t}}, "test": {"matrix": {"win": m / 2}, "spy": {"win": t / 2}}}
+    table = nested.gift_table({"warm start": result(0.5, 0.2), "nested": result(0.8, 0.4)}, ["matrix", "spy"])
+    lines = table.splitlines()
+    assert lines[0] == "| trained on | matrix (train) | matrix (test) | spy (train) | spy (test) |"
+    assert lines[2:] == ["| warm start | 50% | 25% | 20% | 10% |", "| nested | 80% | 40% | 40% | 20% |"]
+
+
 # ============================================================================================= evaluate
 import evaluate  # noqa: E402
 
