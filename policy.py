@@ -369,7 +369,7 @@ def conversation_examples(policy: Policy, rows: list[dict], turn_examples: bool 
     return examples
 
 
-def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4, game: str | None = None) -> list:
+def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4) -> list:
     """Single-turn examples of the learner turns with at most `max_choices` legal replies (meta["choices"]),
     once with every legal reply: the exact expectation of random-legal play at that turn, not one draw.
     Why: with most of the 9 cells free, copying a listed cell gains little over guessing any cell, and a
@@ -378,8 +378,6 @@ def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4, game:
     alone teach it to copy (0.92 of its probability on legal cells in held-out multi-turn games)."""
     examples = []
     for r in rows:
-        if game and r.get("meta", {}).get("game") != game:
-            continue
         turns = [i for i, m in enumerate(r["messages"]) if m["role"] == "assistant"]
         for i, legal in zip(turns, r.get("meta", {}).get("choices") or [None] * len(turns)):
             if legal and len(legal) <= max_choices:
@@ -444,12 +442,14 @@ def warm_start(seed: int = 0, **overrides) -> Path:
     policy = load_policy(str(base), device="cpu")
     rows = read_chats(random_transcripts(CACHE_DIR / f"warmstart-{key}.jsonl", settings["n_per_game"], seed))
     drill_rows = read_chats(random_transcripts(CACHE_DIR / f"drills-{key}.jsonl", settings["copy_games"], seed + 1))
-    copying = drill_examples(policy, drill_rows, settings["drill_choices"], game="tictactoe")
+    by_game = {name: drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name],
+                                    settings["drill_choices"]) for name in games.GAMES}
+    copying = by_game["tictactoe"]
     batch, lr = settings["batch_size"], settings["lr"]
     losses = sft(policy, copying, settings["copy_steps"] * batch / len(copying), batch, lr, seed,
                  desc="warm start 1/2: copy drills")
     examples = conversation_examples(policy, rows, turn_examples=True)
-    drills = drill_examples(policy, drill_rows, settings["drill_choices"])
+    drills = [example for name in games.GAMES for example in by_game[name]]  # the file's order: game by game
     random.Random(seed).shuffle(drills)
     examples += drills[:int(len(examples) * settings["drill_mix"])]
     losses += sft(policy, examples, settings["epochs"], batch, lr, seed, desc="warm start 2/2: transcripts")
