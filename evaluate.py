@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from games import GAMES, make, play
+from games import game_names, make, play
 
 EVAL_SEED = 2_000_000_000  # evaluation seeds start here; training seeds stay far below
 
@@ -204,10 +204,12 @@ def main(argv=None):
         for game, setting, rates in baseline_rows(args.baselines):
             print(f"{game:<11}{setting:<40}" + "".join(f"{rates[k]:>7.1%}" for k in ("win", "draw", "loss")))
         return
-    names = [g.strip() for g in args.games.split(",") if g.strip()]
-    unknown = [g for g in names if g not in GAMES]
-    if unknown or args.n < 1:
-        parser.error(f"unknown game {unknown[0]!r}; valid: {', '.join(GAMES)}" if unknown else "--n must be at least 1")
+    try:
+        names = game_names(args.games)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.n < 1:
+        parser.error("--n must be at least 1")
     from policy import load_policy
     results = {}
     for model in args.model.split(","):

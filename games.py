@@ -597,6 +597,15 @@ class Spy(Game):
 GAMES = {"matrix": MatrixGame, "tictactoe": TicTacToe, "spy": Spy}
 
 
+def game_names(text: str) -> list[str]:
+    """'matrix, spy' -> ['matrix', 'spy'], the command lines' --games; ValueError on an unknown name."""
+    names = [g.strip() for g in text.split(",") if g.strip()]
+    for name in names or [text]:
+        if name not in GAMES:
+            raise ValueError(f"unknown game {name!r}; valid games: {', '.join(GAMES)}")
+    return names
+
+
 def make(name: str, split: str = "train", **options) -> Game:
     if name not in GAMES:
         raise ValueError(f"unknown game {name!r}; valid games: {', '.join(GAMES)}")

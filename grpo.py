@@ -232,10 +232,8 @@ def parse_args(argv=None):
     p.add_argument("--transcripts", type=int, default=2, help="learner transcripts saved per step")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     args = p.parse_args(argv)
-    args.games = [g.strip() for g in args.games.split(",") if g.strip()]
     try:
-        for name in args.games:
-            games.make(name)
+        args.games = games.game_names(args.games)
         parse_opponent(args.opponent)
         if args.group_size < 2:
             raise ValueError(f"--group-size must be at least 2 (GRPO compares episodes within a group), got {args.group_size}")

@@ -130,7 +130,10 @@ def compare(argv=None):
     args = p.parse_args(argv)
     if not args.compare:
         p.error("pass --compare to run the comparison")
-    names = [g.strip() for g in args.games.split(",") if g.strip()]
+    try:
+        names = games.game_names(args.games)
+    except ValueError as error:
+        p.error(str(error))
     runs = {name: ["--games", name] for name in names}
     runs["mixed"] = ["--games", ",".join(names), "--mode", "mixed"]
     runs["nested"] = ["--games", ",".join(names), "--mode", "nested"]
