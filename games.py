@@ -3,13 +3,15 @@
     game = make(name, split="train"|"test", **options)
     game.reset(seed)            # same seed -> same game, bit for bit
     game.num_seats, game.to_move (None once over), game.learner_seat
-    game.prompt(seat) -> str    # what that seat sees now
+    game.prompt(seat) -> str    # what that seat sees now (after an invalid reply: why, and what to answer)
     game.step(seat, reply) -> bool   # False for an invalid reply; the state is then unchanged
     game.done, game.rewards     # one float per seat, final once done
 
 A reply carries its move inside <answer>...</answer>. An invalid reply costs its seat INVALID_PENALTY on
 the final reward and the seat tries again (the next prompt says why); after `max_tries` invalid replies in
-a row for one move the seat forfeits, which counts as a loss (reward 0 before penalties).
+a row for one move the seat forfeits, which counts as a loss (reward 0 before penalties). The state did
+not change, and a seat plays as one conversation, so the retry prompt is only the reason and the answer
+instruction, not the whole state again (a 6x6 payoff table each try would triple a Matrix conversation).
 
 Every seat can be played without a language model: `game.scripted_reply(seat)` is the game's scripted
 opponent (the expert answer for Matrix, random/expert/eps:P for TicTacToe, the lexicon player for Spy) and
@@ -101,16 +103,16 @@ class Game:
         return False
 
     def prompt(self, seat: int) -> str:
-        text = self._prompt(seat)
         if self.error[seat]:
-            text = (f"Your last reply was invalid: {self.error[seat]}. "
-                    f"Try {self.tries[seat] + 1} of {self.max_tries}.\n") + text
-        return text
+            return (f"Your last reply was invalid: {self.error[seat]}. "
+                    f"Try {self.tries[seat] + 1} of {self.max_tries}.\n") + self._instruction(seat)
+        return self._prompt(seat)
 
     # Each game implements these.
     def _apply(self, seat: int, move: str) -> str | None: ...
     def _forfeit(self, seat: int) -> None: ...
-    def _prompt(self, seat: int) -> str: ...
+    def _prompt(self, seat: int) -> str: ...       # the whole state, ending with the instruction
+    def _instruction(self, seat: int) -> str: ...  # how to answer now (repeated after an invalid reply)
     def scripted_reply(self, seat: int) -> str: ...
     def legal_replies(self, seat: int) -> list[str] | None: ...  # every valid reply, None for free text
 
@@ -241,8 +243,11 @@ class MatrixGame(Game):
 
     def _prompt(self, seat):
         return (f"A one-shot game between two players.\n{MATRIX_TEMPLATES[self.split][self.template](self.A, self.B)}\n"
-                f"You are Player {self.role}. Choose your action, a number from 1 to {self.num_actions}, "
-                f"and reply with {answer('number')}.")
+                + self._instruction(seat))
+
+    def _instruction(self, seat):
+        return (f"You are Player {self.role}. Choose your action and reply with {answer('number')}, one of:\n"
+                + " ".join(str(a + 1) for a in range(self.num_actions)))
 
     def _apply(self, seat, move):
         found = re.fullmatch(r"(?:action\s*)?(\d{1,3})\.?", move, re.IGNORECASE)
@@ -340,9 +345,11 @@ class TicTacToe(Game):
         return "  1 2 3\n" + "\n".join(f"{r + 1} " + " ".join(self.board[3 * r:3 * r + 3]) for r in range(3))
 
     def _prompt(self, seat):
+        return f"TicTacToe. You play {self.marks[seat]}; three in a row wins.\n{self.render()}\n" + self._instruction(seat)
+
+    def _instruction(self, seat):
         free = " ".join(f"({i // 3 + 1},{i % 3 + 1})" for i in self.legal_moves())
-        return (f"TicTacToe. You play {self.marks[seat]}; three in a row wins.\n{self.render()}\n"
-                f"Reply with your move as {answer('(row,col)')}, one of the free cells:\n{free}")
+        return f"Reply with your move as {answer('(row,col)')}, one of the free cells:\n{free}"
 
     def _apply(self, seat, move):
         found = re.fullmatch(r"\(?\s*(\d)\s*,\s*(\d)\s*\)?", move)
@@ -550,10 +557,13 @@ class Spy(Game):
         head = (f"Who's the Spy. 4 players: three share a word, the spy has a different one. "
                 f"You are Player {seat + 1} and your word is {self.words[seat]} .\n")
         said = self._transcript()
-        head += (said + "\n") if said else ""
+        return head + ((said + "\n") if said else "") + self._instruction(seat)
+
+    def _instruction(self, seat):
         if self.phase < self.ROUNDS:
-            return head + f"Describe your word in a few words without saying it. Reply {answer('description')}."
-        return head + f"Vote for the spy (not yourself). Reply {answer('Player k')}."
+            return f"Describe your word in a few words without saying it. Reply {answer('description')}."
+        others = " | ".join(f"Player {s + 1}" for s in range(4) if s != seat)
+        return f"Vote for the spy (not yourself). Reply {answer('Player k')}, one of:\n{others}"
 
     def _evidence(self, seat: int, about: list[int]) -> dict[int, int]:
         """For each seat in `about`: mentions of attributes only this seat's word has, minus only the partner's."""

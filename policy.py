@@ -43,7 +43,7 @@ TINY_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 TINY_CONFIG = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True)
-TINY_VERSION = 8  # bump when anything that shapes the tiny model or its warm start changes
+TINY_VERSION = 9  # bump when anything that shapes the tiny model or its warm start changes
 
 
 class Policy:
@@ -145,10 +145,16 @@ class ChatBatch:
             pos[i, width - k:] = torch.arange(self.seen[r], self.seen[r] + k)
             self.seen[r] += k
         new_mask = new_mask.to(dev)
-        self.mask = new_mask if self.mask is None else torch.cat([self.mask, new_mask], 1)
-        if self.cache is None:
+        if self.cache is None:  # the first turn: the G rows of a GRPO group share one prompt; prefill it once
             from transformers import DynamicCache
-            self.cache = DynamicCache()
+            self.cache, self.mask = DynamicCache(), new_mask
+            unique, copies = torch.unique(torch.cat([ids, new_mask.cpu(), pos], 1), dim=0, return_inverse=True)
+            ids, new_mask, pos = unique.to(dev).split(width, 1)
+            out = self.policy.model(input_ids=ids, attention_mask=new_mask, position_ids=pos,
+                                    past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            self.cache.reorder_cache(copies.to(dev))
+            return out.logits[copies.to(dev), -1].float()
+        self.mask = torch.cat([self.mask, new_mask], 1)
         out = self.policy.model(input_ids=ids.to(dev), attention_mask=self.mask, position_ids=pos.to(dev),
                                 past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
@@ -197,11 +203,13 @@ class ChatBatch:
 
 
 def token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1.0, with_entropy=False,
-                   only: torch.Tensor | None = None):
+                   only: torch.Tensor | None = None, groups: list | None = None):
     """log pi(token_t | tokens_<t) at `temperature` for every token after the first, one row per sequence
     (right-padded); the gradient flows. Optionally the entropy of each predictive distribution too.
     `only` (a 0/1 mask shaped like the result) restricts the LM head to the positions that matter, e.g.
-    the learner's own tokens: the long prompts then cost one pass of the decoder and no vocabulary."""
+    the learner's own tokens: the long prompts then cost one pass of the decoder and no vocabulary.
+    `groups` (a label per sequence, e.g. its GRPO group): sequences with one label run the tokens they
+    all begin with (the group's prompt) through the decoder once and share its keys and values."""
     dev = policy.device
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), policy.pad_id, dtype=torch.long)
@@ -210,13 +218,16 @@ def token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1
         ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
     ids, mask = ids.to(dev), mask.to(dev)
     targets = ids[:, 1:]
-    if only is None:
+    if only is None and groups is None:
         logits = policy.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         where = None
     else:
-        hidden = policy.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-        where = only.to(dev).bool()
-        logits = policy.model.get_output_embeddings()(hidden[where])
+        where = (only.to(dev) if only is not None else mask[:, 1:]).bool()
+        if groups is None:
+            hidden = policy.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][where]
+        else:
+            hidden = shared_prefix_states(policy, seqs, groups, where)
+        logits = policy.model.get_output_embeddings()(hidden)
         targets = targets[where]
     logp_all = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1)
     picked = logp_all.gather(-1, targets[..., None]).squeeze(-1)
@@ -226,6 +237,51 @@ def token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1
         if with_entropy:
             entropy = torch.zeros(where.shape, device=dev, dtype=entropy.dtype).masked_scatter(where, entropy)
     return (picked, entropy) if with_entropy else picked
+
+
+def shared_prefix_states(policy: Policy, seqs: list[list[int]], groups: list, where: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states at the positions `where` ([sequences, width - 1]; position t predicts
+    token t + 1), with each group's common prefix computed once: the prefixes go through the decoder as one
+    left-padded batch, their KV cache is copied to every member row, then each row's own suffix follows.
+    The G samples of a GRPO group share their whole first prompt, which is most of a one-turn game."""
+    from transformers import DynamicCache
+    dev = policy.device
+    plan = []  # (member rows, length of their common prefix), each prefix at least 1 token
+    for label in dict.fromkeys(groups):
+        rows = [i for i, g in enumerate(groups) if g == label]
+        longest = min(len(seqs[i]) for i in rows) - 1  # every row keeps at least one token for its suffix
+        p = next((t for t in range(longest) if len({seqs[i][t] for i in rows}) > 1), longest)
+        plan += [(rows, p)] if p > 0 else [([i], len(seqs[i]) - 1) for i in rows]
+    width = max(p for _, p in plan)
+    pre_ids = torch.full((len(plan), width), policy.pad_id, dtype=torch.long)
+    pre_mask = torch.zeros((len(plan), width), dtype=torch.long)
+    pre_pos = torch.zeros((len(plan), width), dtype=torch.long)
+    group_of, prefix_of = [0] * len(seqs), [0] * len(seqs)
+    for k, (rows, p) in enumerate(plan):
+        pre_ids[k, width - p:] = torch.tensor(seqs[rows[0]][:p])
+        pre_mask[k, width - p:], pre_pos[k, width - p:] = 1, torch.arange(p)
+        for i in rows:
+            group_of[i], prefix_of[i] = k, p
+    decoder, cache = policy.model.get_decoder(), DynamicCache()
+    prefix = decoder(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev), position_ids=pre_pos.to(dev),
+                     past_key_values=cache, use_cache=True).last_hidden_state
+    group_of, prefix_of = torch.tensor(group_of), torch.tensor(prefix_of)
+    cache.reorder_cache(group_of.to(dev))  # one copy of its group's prefix per row (the gradient sums back)
+    suffix_width = max(len(s) - p for s, p in zip(seqs, prefix_of.tolist()))
+    suf_ids = torch.full((len(seqs), suffix_width), policy.pad_id, dtype=torch.long)
+    suf_mask = torch.zeros((len(seqs), suffix_width), dtype=torch.long)
+    suf_pos = torch.zeros((len(seqs), suffix_width), dtype=torch.long)
+    for i, (s, p) in enumerate(zip(seqs, prefix_of.tolist())):
+        suf_ids[i, :len(s) - p], suf_mask[i, :len(s) - p] = torch.tensor(s[p:]), 1
+        suf_pos[i, :len(s) - p] = torch.arange(p, len(s))
+    suffix = decoder(input_ids=suf_ids.to(dev), attention_mask=torch.cat([pre_mask[group_of], suf_mask], 1).to(dev),
+                     position_ids=suf_pos.to(dev), past_key_values=cache, use_cache=True).last_hidden_state
+    # Gather position t of row i from its group's prefix (t < p) or from its own suffix (t >= p).
+    row, t = where.cpu().nonzero(as_tuple=True)
+    k, p = group_of[row], prefix_of[row]
+    index = torch.where(t < p, k * width + width - p + t, len(plan) * width + row * suffix_width + t - p)
+    states = torch.cat([prefix.reshape(-1, prefix.shape[-1]), suffix.reshape(-1, suffix.shape[-1])])
+    return states[index.to(dev)]
 
 
 # --------------------------------------------------------------------------------- loading models

@@ -158,6 +158,25 @@ def test_tictactoe_forfeit_after_repeated_invalid_replies():
     assert g.outcome(0) == "loss" and g.outcome(1) == "win"
 
 
+def test_retry_prompt_is_the_reason_and_the_instruction_not_the_whole_state_again():
+    g = _ttt("XX." "OO." "...")
+    assert not g.step(0, "<answer>(1,1)</answer>")
+    assert g.prompt(0) == ("Your last reply was invalid: cell (1,1) is taken. Try 2 of 3.\n"
+                           "Reply with your move as <answer>(row,col)</answer>, one of the free cells:\n"
+                           "(1,3) (2,3) (3,1) (3,2) (3,3)")
+    g = games.make("matrix", game="duopoly").reset(0)  # a 6x6 table: the retry must not repeat it
+    assert g.prompt(0).endswith("one of:\n1 2 3 4 5 6") and len(g.prompt(0)) > 300
+    assert not g.step(0, "<answer>7</answer>")
+    assert g.prompt(0) == ("Your last reply was invalid: the answer must be an action number from 1 to 6. Try 2 of 3.\n"
+                           f"You are Player {g.role}. Choose your action and reply with <answer>number</answer>, one of:\n"
+                           "1 2 3 4 5 6")
+    g = games.make("spy").reset(0)
+    while g.phase < 2:
+        g.step(g.to_move, g.random_reply(g.to_move))
+    seat = g.to_move
+    assert g.prompt(seat).endswith("one of:\n" + " | ".join(f"Player {s + 1}" for s in range(4) if s != seat))
+
+
 @pytest.mark.parametrize("expert_mark,expert_first", [("X", True), ("O", False), ("X", False), ("O", True)])
 def test_tictactoe_expert_never_loses_against_any_sequence(expert_mark, expert_first):
     """Exhaustive search: every legal move of the other side, every move the expert may choose."""
@@ -749,3 +768,49 @@ def test_logprobs_restricted_to_learner_tokens_match_the_full_computation(tiny):
         part, part_entropy = policy_lib.token_logprobs(tiny, seqs, with_entropy=True, only=mask)
     assert torch.allclose(full * mask, part, atol=1e-5) and torch.allclose(full_entropy * mask, part_entropy, atol=1e-4)
     assert (part[mask == 0] == 0).all() and mask.sum() > 10
+
+
+def _grouped_conversations(tiny):
+    """Two GRPO-like groups of three rows (each group one prompt, sampled three times) over two turns,
+    plus a row labelled with group 0 that has a prompt of its own."""
+    batch = policy_lib.ChatBatch(tiny, 7, seed=3)
+    prompts = ["board . X O and more", "another board . . X", "board . X O and more", "a stranger"]
+    for r in range(7):
+        batch.add_user(r, prompts[min(r // 3, 3)] if r < 6 else prompts[3])
+    batch.generate(list(range(7)), max_new_tokens=5)
+    for r in range(7):
+        batch.add_user(r, f"turn 2 of row {r}")
+    batch.generate(list(range(7)), max_new_tokens=4)
+    return batch, [0, 0, 0, 1, 1, 1, 0]
+
+
+def test_shared_prefixes_give_the_same_logprobs_and_gradients_as_whole_sequences(tiny):
+    batch, groups = _grouped_conversations(tiny)
+    rows = list(range(7))
+    seqs, mask, logp_old = grpo.training_tensors(batch, rows)
+    model = tiny.model
+    results = []
+    for labels in (None, groups):
+        model.zero_grad()
+        logp, entropy = policy_lib.token_logprobs(tiny, seqs, with_entropy=True, only=mask, groups=labels)
+        (logp * mask).sum().backward()
+        results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
+    model.zero_grad()
+    (full, full_entropy, full_grads), (shared, shared_entropy, shared_grads) = results
+    assert torch.allclose(full, shared, atol=1e-5) and torch.allclose(full_entropy, shared_entropy, atol=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(full_grads, shared_grads))
+    # ...and both reproduce the log-probs recorded while sampling (the first prompt prefilled once per group).
+    ratio = torch.exp(shared - logp_old)[mask.bool()]
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-4) and mask.sum() > 30
+
+
+def test_a_groups_prompt_is_prefilled_once_and_sampling_is_unchanged(tiny, monkeypatch):
+    batch, _ = _grouped_conversations(tiny)
+    widths = []
+    forward = tiny.model.forward
+    monkeypatch.setattr(tiny.model, "forward", lambda *a, **k: widths.append(k["input_ids"].shape[0]) or forward(*a, **k))
+    again, _ = _grouped_conversations(tiny)
+    assert widths[0] == 3  # the first prefill: three distinct prompts for seven rows
+    assert all(w == 7 for w in widths[1:])  # then every row has its own tokens
+    assert again.ids == batch.ids  # and the rows sharing a prefill still sample their own replies
+    assert len({tuple(again.sampled[r]) and tuple(again.ids[r]) for r in (0, 1, 2)}) > 1
