@@ -611,14 +611,17 @@ def game_names(text: str) -> list[str]:
     """'matrix, spy' -> ['matrix', 'spy'], the command lines' --games; ValueError on an unknown name."""
     names = [g.strip() for g in text.split(",") if g.strip()]
     for name in names or [text]:
-        if name not in GAMES:
-            raise ValueError(f"unknown game {name!r}; valid games: {', '.join(GAMES)}")
+        check_game(name)
     return names
 
 
-def make(name: str, split: str = "train", **options) -> Game:
+def check_game(name: str):
     if name not in GAMES:
         raise ValueError(f"unknown game {name!r}; valid games: {', '.join(GAMES)}")
+
+
+def make(name: str, split: str = "train", **options) -> Game:
+    check_game(name)
     try:
         return GAMES[name](split=split, **options)
     except TypeError as error:  # an option the game does not take

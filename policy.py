@@ -82,6 +82,20 @@ class Policy:
 
 
 # ------------------------------------------------------------------------------------ generation
+def pad(seqs: list[list[int]], pad_id: int, left: bool = False, starts: list[int] | None = None):
+    """Token lists as one [n, width] batch: ids, a 0/1 mask of the real tokens and their positions (row i's
+    first token at starts[i], default 0); padding on the right, or on the left so every row ends together."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    pos = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        start = starts[i] if starts else 0
+        ids[i, span], mask[i, span], pos[i, span] = torch.tensor(s, dtype=torch.long), 1, torch.arange(start, start + len(s))
+    return ids, mask, pos
+
+
 class ChatBatch:
     """Many conversations advancing together through one model, sharing one KV cache.
 
@@ -132,29 +146,23 @@ class ChatBatch:
     def _forward(self, tokens: dict[int, list[int]]):
         """Feed `tokens[row]` (left-padded to one length) for the given rows, padding for the other live
         rows; return the last position's logits per live cache row."""
-        live = [r for r in range(self.n) if self.slot[r] is not None]
-        width = max(len(t) for t in tokens.values())
+        live = [r for r in range(self.n) if self.slot[r] is not None]  # in cache-row order
         dev = self.policy.device
-        ids = torch.full((len(live), width), self.policy.pad_id, dtype=torch.long)
-        new_mask = torch.zeros((len(live), width), dtype=torch.long)
-        pos = torch.zeros((len(live), width), dtype=torch.long)
+        ids, new_mask, pos = pad([tokens.get(r, []) for r in live], self.policy.pad_id, left=True,
+                                 starts=[self.seen[r] for r in live])
         for r, t in tokens.items():
-            i, k = self.slot[r], len(t)
-            ids[i, width - k:] = torch.tensor(t)
-            new_mask[i, width - k:] = 1
-            pos[i, width - k:] = torch.arange(self.seen[r], self.seen[r] + k)
-            self.seen[r] += k
-        new_mask = new_mask.to(dev)
+            self.seen[r] += len(t)
         if self.cache is None:  # the first turn: the G rows of a GRPO group share one prompt; prefill it once
             from transformers import DynamicCache
-            self.cache, self.mask = DynamicCache(), new_mask
-            unique, copies = torch.unique(torch.cat([ids, new_mask.cpu(), pos], 1), dim=0, return_inverse=True)
-            ids, new_mask, pos = unique.to(dev).split(width, 1)
+            self.cache, self.mask = DynamicCache(), new_mask.to(dev)
+            unique, copies = torch.unique(torch.cat([ids, new_mask, pos], 1), dim=0, return_inverse=True)
+            ids, new_mask, pos = unique.to(dev).split(ids.shape[1], 1)
+            copies = copies.to(dev)
             out = self.policy.model(input_ids=ids, attention_mask=new_mask, position_ids=pos,
                                     past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-            self.cache.reorder_cache(copies.to(dev))
-            return out.logits[copies.to(dev), -1].float()
-        self.mask = torch.cat([self.mask, new_mask], 1)
+            self.cache.reorder_cache(copies)
+            return out.logits[copies, -1].float()
+        self.mask = torch.cat([self.mask, new_mask.to(dev)], 1)
         out = self.policy.model(input_ids=ids.to(dev), attention_mask=self.mask, position_ids=pos.to(dev),
                                 past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
@@ -211,11 +219,7 @@ def token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1
     `groups` (a label per sequence, e.g. its GRPO group): sequences with one label run the tokens they
     all begin with (the group's prompt) through the decoder once and share its keys and values."""
     dev = policy.device
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), policy.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    ids, mask, _ = pad(seqs, policy.pad_id)
     ids, mask = ids.to(dev), mask.to(dev)
     targets = ids[:, 1:]
     if only is None and groups is None:
@@ -252,28 +256,18 @@ def shared_prefix_states(policy: Policy, seqs: list[list[int]], groups: list, wh
         longest = min(len(seqs[i]) for i in rows) - 1  # every row keeps at least one token for its suffix
         p = next((t for t in range(longest) if len({seqs[i][t] for i in rows}) > 1), longest)
         plan += [(rows, p)] if p > 0 else [([i], len(seqs[i]) - 1) for i in rows]
-    width = max(p for _, p in plan)
-    pre_ids = torch.full((len(plan), width), policy.pad_id, dtype=torch.long)
-    pre_mask = torch.zeros((len(plan), width), dtype=torch.long)
-    pre_pos = torch.zeros((len(plan), width), dtype=torch.long)
     group_of, prefix_of = [0] * len(seqs), [0] * len(seqs)
     for k, (rows, p) in enumerate(plan):
-        pre_ids[k, width - p:] = torch.tensor(seqs[rows[0]][:p])
-        pre_mask[k, width - p:], pre_pos[k, width - p:] = 1, torch.arange(p)
         for i in rows:
             group_of[i], prefix_of[i] = k, p
+    pre_ids, pre_mask, pre_pos = pad([seqs[rows[0]][:p] for rows, p in plan], policy.pad_id, left=True)
+    suf_ids, suf_mask, suf_pos = pad([s[p:] for s, p in zip(seqs, prefix_of)], policy.pad_id, starts=prefix_of)
+    width, suffix_width = pre_ids.shape[1], suf_ids.shape[1]
     decoder, cache = policy.model.get_decoder(), DynamicCache()
     prefix = decoder(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev), position_ids=pre_pos.to(dev),
                      past_key_values=cache, use_cache=True).last_hidden_state
     group_of, prefix_of = torch.tensor(group_of), torch.tensor(prefix_of)
     cache.reorder_cache(group_of.to(dev))  # one copy of its group's prefix per row (the gradient sums back)
-    suffix_width = max(len(s) - p for s, p in zip(seqs, prefix_of.tolist()))
-    suf_ids = torch.full((len(seqs), suffix_width), policy.pad_id, dtype=torch.long)
-    suf_mask = torch.zeros((len(seqs), suffix_width), dtype=torch.long)
-    suf_pos = torch.zeros((len(seqs), suffix_width), dtype=torch.long)
-    for i, (s, p) in enumerate(zip(seqs, prefix_of.tolist())):
-        suf_ids[i, :len(s) - p], suf_mask[i, :len(s) - p] = torch.tensor(s[p:]), 1
-        suf_pos[i, :len(s) - p] = torch.arange(p, len(s))
     suffix = decoder(input_ids=suf_ids.to(dev), attention_mask=torch.cat([pre_mask[group_of], suf_mask], 1).to(dev),
                      position_ids=suf_pos.to(dev), past_key_values=cache, use_cache=True).last_hidden_state
     # Gather position t of row i from its group's prefix (t < p) or from its own suffix (t >= p).
