@@ -275,7 +275,9 @@ def shared_prefix_states(policy: Policy, seqs: list[list[int]], groups: list, wh
     k, p = group_of[row], prefix_of[row]
     index = torch.where(t < p, k * width + width - p + t, len(plan) * width + row * suffix_width + t - p)
     states = torch.cat([prefix.reshape(-1, prefix.shape[-1]), suffix.reshape(-1, suffix.shape[-1])])
-    return states[index.to(dev)]
+    # index_select, not states[index]: the latter's backward (an accumulating index_put) adds in a
+    # thread-dependent order on CPU, and the same seed must give the same metrics.
+    return states.index_select(0, index.to(dev))
 
 
 # --------------------------------------------------------------------------------- loading models
