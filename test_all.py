@@ -393,6 +393,16 @@ def test_training_logprobs_reproduce_sampling_logprobs_over_several_turns(tiny):
     assert checked > 30
 
 
+def test_the_cache_drops_the_padding_of_earlier_turns(tiny):
+    batch = _multi_turn(tiny)  # turns of different lengths per row, one row finished midway
+    live = [r for r in range(batch.n) if batch.slot[r] is not None]
+    longest = max(batch.seen[r] for r in live)
+    assert batch.mask.shape[1] > longest  # the last turn was left-padded to the longest row
+    batch._compact()  # what the next generate call starts with
+    assert batch.mask.shape[1] == batch.cache.get_seq_length() == longest
+    assert [int(batch.mask[batch.slot[r]].sum()) for r in live] == [batch.seen[r] for r in live]
+
+
 def test_sequences_are_built_from_sampled_ids_not_retokenized_text(tiny):
     batch = _multi_turn(tiny)
     for r in range(4):
