@@ -215,8 +215,8 @@ def parse_args(argv=None):
                    help="other seats: random | expert | eps:P (TicTacToe's scripted player; Spy always uses "
                         "its scripted lexicon players), self (a frozen copy of the learner) or model:PATH")
     p.add_argument("--self-refresh", type=int, default=10, help="with --opponent self: refresh the copy every K steps")
-    p.add_argument("--steps", type=int, default=24, help="GRPO steps (24: the default run with its warm start "
-                   "took 16 minutes on a fresh 2-core CPU machine, install included)")
+    p.add_argument("--steps", type=int, default=20, help="GRPO steps (20 keep the default run, warm start "
+                   "included, within 15 minutes on a 2-core CPU)")
     p.add_argument("--instances", type=int, default=4, help="B: game instances (seeds) per step")
     p.add_argument("--group-size", type=int, default=8, help="G: episodes per instance (at least 2)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
