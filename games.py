@@ -554,15 +554,16 @@ class Spy(Game):
         return "\n".join(lines)
 
     def _prompt(self, seat):
-        head = (f"Who's the Spy. 4 players: three share a word, the spy has a different one. "
-                f"You are Player {seat + 1} and your word is {self.words[seat]} .\n")
+        head = (f"Who's the Spy. Four players: three share a word, the spy has a different one. "
+                f"You are Player {seat + 1}, and your word is {self.words[seat]} .\n")
         said = self._transcript()
         return head + ((said + "\n") if said else "") + self._instruction(seat)
 
     def _instruction(self, seat):
         if self.phase < self.ROUNDS:
             return f"Describe your word in a few words without saying it. Reply {answer('description')}."
-        others = " | ".join(f"Player {s + 1}" for s in range(4) if s != seat)
+        # The others in turn order after you, so the list always ends with the seat just before yours.
+        others = " | ".join(f"Player {(seat + d) % 4 + 1}" for d in (1, 2, 3))
         return f"Vote for the spy (not yourself). Reply {answer('Player k')}, one of:\n{others}"
 
     def _evidence(self, seat: int, about: list[int]) -> dict[int, int]:
@@ -595,7 +596,7 @@ class Spy(Game):
         return answer(f"Player {self.opponent_rng.choice([s for s in others if key(s) == lowest]) + 1}")
 
     def legal_replies(self, seat):
-        return None if self.phase < self.ROUNDS else [answer(f"Player {s + 1}") for s in range(4) if s != seat]
+        return None if self.phase < self.ROUNDS else [answer(f"Player {(seat + d) % 4 + 1}") for d in (1, 2, 3)]
 
     def random_reply(self, seat):
         if self.phase < self.ROUNDS:

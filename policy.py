@@ -43,7 +43,7 @@ TINY_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 TINY_CONFIG = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True)
-TINY_VERSION = 9  # bump when anything that shapes the tiny model or its warm start changes
+TINY_VERSION = 10  # bump when anything that shapes the tiny model or its warm start changes
 
 
 class Policy:
@@ -269,6 +269,21 @@ def token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1
     the learner's own tokens: the long prompts then cost one pass of the decoder and no vocabulary.
     `groups` (a label per sequence, e.g. its GRPO group): sequences with one label run the tokens they
     all begin with (the group's prompt) through the decoder once and share its keys and values."""
+    logp_all, targets, where = next_token_logprobs(policy, seqs, temperature, only, groups)
+    picked = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    if where is not None:  # scatter back to [sequences, tokens]
+        picked = torch.zeros(where.shape, device=picked.device, dtype=picked.dtype).masked_scatter(where, picked)
+        if with_entropy:
+            entropy = torch.zeros(where.shape, device=picked.device, dtype=entropy.dtype).masked_scatter(where, entropy)
+    return (picked, entropy) if with_entropy else picked
+
+
+def next_token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1.0,
+                        only: torch.Tensor | None = None, groups: list | None = None):
+    """log pi(. | tokens_<t) over the whole vocabulary and the token that came next: [sequences, tokens,
+    vocab] and [sequences, tokens], or, with `only` or `groups` (see token_logprobs), just the positions
+    `where` (returned as the third value, else None) in row-major order: [positions, vocab], [positions]."""
     dev = policy.device
     ids, mask, _ = pad(seqs, policy.pad_id)
     ids, mask = ids.to(dev), mask.to(dev)
@@ -284,14 +299,7 @@ def token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1
             hidden = shared_prefix_states(policy, seqs, groups, where)
         logits = policy.model.get_output_embeddings()(hidden)
         targets = targets[where]
-    logp_all = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1)
-    picked = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
-    if where is not None:  # scatter back to [sequences, tokens]
-        picked = torch.zeros(where.shape, device=dev, dtype=picked.dtype).masked_scatter(where, picked)
-        if with_entropy:
-            entropy = torch.zeros(where.shape, device=dev, dtype=entropy.dtype).masked_scatter(where, entropy)
-    return (picked, entropy) if with_entropy else picked
+    return torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1), targets, where
 
 
 def shared_prefix_states(policy: Policy, seqs: list[list[int]], groups: list, where: torch.Tensor) -> torch.Tensor:
@@ -443,19 +451,40 @@ def random_transcripts(path: Path, n_per_game: int, seed: int = 0) -> Path:
     return path
 
 
-def encode_conversation(policy: Policy, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids of a chat and a 0/1 mask of the assistant's tokens, built turn by turn as in rollouts."""
-    ids, mask, history = [], [], []
+def encode_conversation(policy: Policy, messages: list[dict], choices: list | None = None):
+    """Token ids of a chat, a 0/1 mask of the assistant's tokens (built turn by turn as in rollouts), and
+    the branch targets of the assistant turns whose legal replies are listed in `choices` (one list or
+    None per assistant turn): {position: {token: share}}, see branch_targets."""
+    ids, mask, history, branches = [], [], [], {}
+    legal_lists = iter(choices or [])
     for m in messages:
         if m["role"] == "assistant":
             chunk = policy.reply_ids(m["content"])
+            legal = next(legal_lists, None)
+            if legal:
+                for t, share in branch_targets(chunk, [policy.reply_ids(r) for r in legal]).items():
+                    branches[len(ids) + t] = share
             mask += [1] * len(chunk)
         else:
             chunk = policy.user_turn_ids(history, m["content"])
             mask += [0] * len(chunk)
         ids += chunk
         history.append(m)
-    return ids, mask
+    return ids, mask, branches
+
+
+def branch_targets(reply: list[int], legal: list[list[int]]) -> dict[int, dict[int, float]]:
+    """Where a uniformly random legal reply could have gone another way: at each token of `reply` that
+    some legal replies agreeing with it so far continue differently, the share of them taking each token.
+    Training on these shares instead of the one token drawn is the exact expectation of random-legal play
+    at that turn: what training on every legal reply would teach, at the cost of one."""
+    branches, agreeing = {}, legal
+    for t, token in enumerate(reply):
+        nexts = [r[t] for r in agreeing if len(r) > t]
+        if len(set(nexts)) > 1:
+            branches[t] = {k: nexts.count(k) / len(nexts) for k in set(nexts)}
+        agreeing = [r for r in agreeing if len(r) > t and r[t] == token]
+    return branches
 
 
 def read_chats(path: Path) -> list[dict]:
@@ -463,36 +492,41 @@ def read_chats(path: Path) -> list[dict]:
 
 
 def conversation_examples(policy: Policy, rows: list[dict], turn_examples: bool = False) -> list:
-    """(ids, mask) of every conversation; with `turn_examples`, also each later assistant turn on its own
-    after its own prompt only: short sequences, so many more learner turns per second of training."""
-    examples = [encode_conversation(policy, r["messages"]) for r in rows]
-    if turn_examples:
-        examples += [encode_conversation(policy, r["messages"][i - 1:i + 1]) for r in rows
-                     for i, m in enumerate(r["messages"]) if m["role"] == "assistant" and i > 1]
+    """(ids, mask, branches) of every conversation, with branch targets where meta["choices"] lists the
+    legal replies; with `turn_examples`, also each later assistant turn on its own after its own prompt
+    only: short sequences, so many more learner turns per second of training."""
+    examples = []
+    for r in rows:
+        choices = r.get("meta", {}).get("choices")
+        examples.append(encode_conversation(policy, r["messages"], choices))
+        if turn_examples:
+            turns = [i for i, m in enumerate(r["messages"]) if m["role"] == "assistant"]
+            examples += [encode_conversation(policy, r["messages"][i - 1:i + 1], choices and [choices[k]])
+                         for k, i in enumerate(turns) if i > 1]
     return examples
 
 
 def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4) -> list:
-    """Single-turn examples of the learner turns with at most `max_choices` legal replies (meta["choices"]),
-    once with every legal reply: the exact expectation of random-legal play at that turn, not one draw.
-    Why: with most of the 9 cells free, copying a listed cell gains little over guessing any cell, and a
-    random-init model trained on whole games never starts to copy (its mass on legal cells stays at the
-    free fraction, ~0.7); with 1-4 cells left the gain is large, and 300 steps on such TicTacToe positions
-    alone teach it to copy (0.92 of its probability on legal cells in held-out multi-turn games)."""
+    """Single-turn examples (with branch targets) of the learner turns with at most `max_choices` legal
+    replies (meta["choices"]). Why: with most of the 9 cells free, copying a listed cell gains little over
+    guessing any cell, and a random-init model trained on whole games never starts to copy (its mass on
+    legal cells stays at the free fraction, ~0.7); with 1-4 cells left the gain is large, and a few hundred
+    steps on such TicTacToe positions alone teach it to copy from the list in its prompt."""
     examples = []
     for r in rows:
         turns = [i for i, m in enumerate(r["messages"]) if m["role"] == "assistant"]
         for i, legal in zip(turns, r.get("meta", {}).get("choices") or [None] * len(turns)):
             if legal and len(legal) <= max_choices:
-                prompt = r["messages"][i - 1]
-                examples += [encode_conversation(policy, [prompt, {"role": "assistant", "content": c}]) for c in legal]
+                examples.append(encode_conversation(policy, r["messages"][i - 1:i + 1], [legal]))
     return examples
 
 
 def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-        desc: str = "SFT") -> list[float]:
-    """Supervised fine-tuning on (ids, learner mask) examples: mean NLL of the learner's tokens. Returns
-    the loss per step."""
+        decay: float = 0.0, desc: str = "SFT") -> list[float]:
+    """Supervised fine-tuning on (ids, learner mask[, branches]) examples: the mean cross-entropy of the
+    learner's tokens against the token in the text, or against the branch shares where there are some.
+    The rate warms up over 20 steps, then stays, then falls linearly to 0 over the last `decay` fraction of
+    the steps. Returns the loss per step."""
     # Batches of similar length waste little on padding; their order is shuffled every epoch.
     by_length = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     batches = [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
@@ -503,15 +537,22 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
     # beta2 = 0.95 and a constant rate after warm-up: a random-init model learns to copy from its prompt
     # (a legal move from the list of free cells) several times sooner than with the defaults.
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20, (steps - s) / (decay * steps + 1e-9)))
     losses = []
     for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
         batch = [examples[i] for i in plan[step]]
-        mask = torch.zeros(len(batch), max(len(ids) for ids, _ in batch) - 1)
-        for i, (_, m) in enumerate(batch):
-            mask[i, :len(m) - 1] = torch.tensor(m[1:], dtype=mask.dtype)
-        logp = token_logprobs(policy, [ids for ids, _ in batch], only=mask)
-        loss = -(logp * mask).sum() / mask.sum()
+        mask = torch.zeros(len(batch), max(len(e[0]) for e in batch) - 1)
+        for i, e in enumerate(batch):
+            mask[i, :len(e[1]) - 1] = torch.tensor(e[1][1:], dtype=mask.dtype)
+        logp_all, targets, _ = next_token_logprobs(policy, [e[0] for e in batch], only=mask)
+        target = torch.zeros_like(logp_all).scatter_(1, targets[:, None], 1.0)
+        branched = [(row, token, share) for row, (r, t) in enumerate(mask.nonzero().tolist())  # row-major,
+                    for token, share in (batch[r][2] if len(batch[r]) > 2 else {}).get(t + 1, {}).items()]  # as logp_all
+        if branched:
+            rows, tokens, shares = zip(*branched)
+            target[list(rows)] = 0.0
+            target[list(rows), list(tokens)] = torch.tensor(shares)
+        loss = -(target * logp_all).sum() / len(target)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -523,17 +564,21 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
     return losses
 
 
-# copy_games: extra random games whose few-choice turns make the drills; copy_steps: SFT steps on the
-# TicTacToe drills alone; drill_mix: drills added to the transcript phase, per transcript example.
-WARM_START = dict(n_per_game=600, copy_games=1500, copy_steps=300, drill_choices=4, epochs=2.0, drill_mix=0.5,
-                  batch_size=32, lr=1e-3)
+# copy_games: extra random games whose few-choice turns make the drills; copy_steps: SFT steps on one game's
+# drills alone (turns with at most copy_choices legal replies), game by game; drill_mix: drills (turns with at
+# most mix_choices legal replies) added to the transcript phase per transcript example, split by mix_shares;
+# decay: the last fraction of the transcript phase, over which the learning rate falls linearly to 0.
+WARM_START = dict(n_per_game=600, copy_games=1500, copy_steps={"tictactoe": 300}, copy_choices=4,
+                  mix_choices=6, mix_shares={"matrix": 1 / 3, "tictactoe": 1 / 3, "spy": 1 / 3}, epochs=2.0,
+                  drill_mix=0.5, batch_size=32, lr=1e-3, decay=0.5)
 
 
 def warm_start(seed: int = 0, **overrides) -> Path:
     """The tiny model after SFT on random-legal play; built once, cached under .cache/ and reused.
     Phase 1: TicTacToe drills alone, until the model copies a listed cell (see drill_examples).
     Phase 2: whole transcripts of all games, with drills of every game mixed in so that copying is kept
-    and the model learns which list each game's answer comes from."""
+    and the model learns which list each game's answer comes from; the rate decays to 0 at the end.
+    Wherever the legal replies are known, the targets are their shares (branch_targets), not one draw."""
     settings = {**WARM_START, **overrides}
     key = hashlib.sha1(json.dumps([TINY_VERSION, TINY_CONFIG, settings, seed], sort_keys=True).encode()).hexdigest()[:10]
     path = CACHE_DIR / f"tiny-warm-{key}"
@@ -545,17 +590,16 @@ def warm_start(seed: int = 0, **overrides) -> Path:
     policy = load_policy(str(base), device="cpu")
     rows = read_chats(random_transcripts(CACHE_DIR / f"warmstart-{key}.jsonl", settings["n_per_game"], seed))
     drill_rows = read_chats(random_transcripts(CACHE_DIR / f"drills-{key}.jsonl", settings["copy_games"], seed + 1))
-    by_game = {name: drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name],
-                                    settings["drill_choices"]) for name in games.GAMES}
-    copying = by_game["tictactoe"]
-    batch, lr = settings["batch_size"], settings["lr"]
-    losses = sft(policy, copying, settings["copy_steps"] * batch / len(copying), batch, lr, seed,
-                 desc="warm start 1/2: copy drills")
+    batch, lr, losses = settings["batch_size"], settings["lr"], []
+    for name, steps in settings["copy_steps"].items():
+        copying = drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name], settings["copy_choices"])
+        losses += sft(policy, copying, steps * batch / len(copying), batch, lr, seed, desc=f"warm start 1/2: {name} drills")
     examples = conversation_examples(policy, rows, turn_examples=True)
-    drills = [example for name in games.GAMES for example in by_game[name]]  # the file's order: game by game
-    random.Random(seed).shuffle(drills)
-    examples += drills[:int(len(examples) * settings["drill_mix"])]
-    losses += sft(policy, examples, settings["epochs"], batch, lr, seed, desc="warm start 2/2: transcripts")
+    n_drills = len(examples) * settings["drill_mix"]
+    for name, share in settings["mix_shares"].items():
+        drills = drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name], settings["mix_choices"])
+        examples += random.Random(seed).sample(drills, min(int(n_drills * share), len(drills)))
+    losses += sft(policy, examples, settings["epochs"], batch, lr, seed, settings["decay"], desc="warm start 2/2: transcripts")
     save_atomic(policy.model, policy.tokenizer, path)
     shutil.rmtree(base, ignore_errors=True)
     print(f"warm start: {len(losses)} SFT steps, final loss {sum(losses[-20:]) / len(losses[-20:]):.3f}, "

@@ -173,8 +173,13 @@ def test_retry_prompt_is_the_reason_and_the_instruction_not_the_whole_state_agai
     g = games.make("spy").reset(0)
     while g.phase < 2:
         g.step(g.to_move, g.random_reply(g.to_move))
-    seat = g.to_move
-    assert g.prompt(seat).endswith("one of:\n" + " | ".join(f"Player {s + 1}" for s in range(4) if s != seat))
+    lists = {0: "Player 2 | Player 3 | Player 4", 1: "Player 3 | Player 4 | Player 1",  # the others, in turn
+             2: "Player 4 | Player 1 | Player 2", 3: "Player 1 | Player 2 | Player 3"}   # order after you
+    while not g.done:
+        seat = g.to_move
+        assert g.prompt(seat).endswith("one of:\n" + lists[seat])
+        assert g.legal_replies(seat) == [f"<answer>{p}</answer>" for p in lists[seat].split(" | ")]
+        g.step(seat, g.random_reply(seat))
 
 
 @pytest.mark.parametrize("expert_mark,expert_first", [("X", True), ("O", False), ("X", False), ("O", True)])
@@ -429,7 +434,8 @@ def test_generation_is_reproducible_and_greedy_is_deterministic(tiny):
 def test_encode_conversation_masks_exactly_the_assistant_turns(tiny):
     messages = [{"role": "user", "content": "board?"}, {"role": "assistant", "content": "<answer>(1,1)</answer>"},
                 {"role": "user", "content": "again"}, {"role": "assistant", "content": "<answer>(2,2)</answer>"}]
-    ids, mask = policy_lib.encode_conversation(tiny, messages)
+    ids, mask, branches = policy_lib.encode_conversation(tiny, messages)
+    assert branches == {}  # no legal replies given: the text's own tokens are the targets
     learner = [i for i, m in zip(ids, mask) if m]
     expected = tiny.reply_ids(messages[1]["content"]) + tiny.reply_ids(messages[3]["content"])
     assert learner == expected
@@ -463,13 +469,49 @@ def test_drills_hold_every_legal_reply_and_only_those(tiny, tmp_path):
                 assert trial.step(trial.learner_seat, other), (r["meta"], other)
             assert g.step(g.learner_seat, reply)
     ttt = [r for r in rows if r["meta"]["game"] == "tictactoe"]
-    few = [(i, c) for r in ttt for i, c in enumerate(r["meta"]["choices"]) if len(c) <= 2]
+    few = [c for r in ttt for c in r["meta"]["choices"] if len(c) <= 2]
     drills = policy_lib.drill_examples(tiny, ttt, max_choices=2)
-    assert len(drills) == sum(len(c) for _, c in few) > 0
-    for ids, mask in drills:  # single turns: the prompt, then one reply of the listed cells
+    assert len(drills) == len(few) > 0
+    for (ids, mask, branches), legal in zip(drills, few):  # single turns: the prompt, then one listed cell
         reply = tiny.tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True)
         prompt = tiny.tokenizer.decode([t for t, m in zip(ids, mask) if not m], skip_special_tokens=True)
         assert games.parse_answer(reply) in prompt.rsplit("\n", 1)[1].split()
+        if len(legal) == 1:
+            assert branches == {}
+            continue
+        [(position, shares)] = branches.items()  # the cells differ in one token: '(2,3)' is one token
+        cells = {games.parse_answer(tiny.tokenizer.decode([t])) or tiny.tokenizer.decode([t]) for t in shares}
+        assert cells == {games.parse_answer(c) for c in legal} and set(shares.values()) == {1 / len(legal)}
+        assert mask[position] == 1 and ids[position] in shares
+
+
+def test_branch_targets_by_hand():
+    # legal replies as token ids: [5, 7, 9], [5, 8, 9], [5, 8, 6], [4]; the drawn one is [5, 8, 6]
+    legal = [[5, 7, 9], [5, 8, 9], [5, 8, 6], [4]]
+    assert policy_lib.branch_targets([5, 8, 6], legal) == {0: {5: 0.75, 4: 0.25}, 1: {7: 1 / 3, 8: 2 / 3},
+                                                           2: {9: 0.5, 6: 0.5}}
+    assert policy_lib.branch_targets([4], legal) == {0: {5: 0.75, 4: 0.25}}
+    assert policy_lib.branch_targets([1, 2], legal) == {0: {5: 0.75, 4: 0.25}}  # not a legal reply: no more
+
+
+def test_sft_on_branch_targets_learns_the_legal_shares_not_the_drawn_reply(tiny):
+    """The same prompt, always answered (1,2) in the text, with (1,2) and (3,3) legal: plain SFT learns
+    (1,2) alone; with branch targets the model ends near one half on each, the expectation of random play."""
+    prompt = {"role": "user", "content": "Free cells: (1,2) (3,3). Reply <answer>(row,col)</answer>."}
+    messages = [prompt, {"role": "assistant", "content": "<answer>(1,2)</answer>"}]
+    legal = ["<answer>(1,2)</answer>", "<answer>(3,3)</answer>"]
+    cells = [tiny.reply_ids(r)[1] for r in legal]
+    shares = {}
+    for with_branches in (False, True):
+        student = policy_lib.Policy(copy.deepcopy(tiny.model), tiny.tokenizer, "student")
+        example = policy_lib.encode_conversation(student, messages, [legal] if with_branches else None)
+        policy_lib.sft(student, [example] * 4, epochs=40, batch_size=4, lr=3e-3)
+        ids = student.user_turn_ids([], prompt["content"]) + tiny.reply_ids(legal[0])[:1]
+        with torch.no_grad():
+            logp = torch.log_softmax(student.model(torch.tensor([ids])).logits[0, -1].float(), -1)
+        shares[with_branches] = logp[cells].exp().tolist()
+    assert shares[False][0] > 0.95 and shares[False][1] < 0.02
+    assert abs(shares[True][0] - 0.5) < 0.05 and abs(shares[True][1] - 0.5) < 0.05
 
 
 # ================================================================================================= grpo
