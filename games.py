@@ -562,8 +562,7 @@ class Spy(Game):
     def _instruction(self, seat):
         if self.phase < self.ROUNDS:
             return f"Describe your word in a few words without saying it. Reply {answer('description')}."
-        # The others in turn order after you, so the list always ends with the seat just before yours.
-        others = " | ".join(f"Player {(seat + d) % 4 + 1}" for d in (1, 2, 3))
+        others = " | ".join(f"Player {s + 1}" for s in self._vote_order(seat))
         return f"Vote for the spy (not yourself). Reply {answer('Player k')}, one of:\n{others}"
 
     def _evidence(self, seat: int, about: list[int]) -> dict[int, int]:
@@ -596,7 +595,13 @@ class Spy(Game):
         return answer(f"Player {self.opponent_rng.choice([s for s in others if key(s) == lowest]) + 1}")
 
     def legal_replies(self, seat):
-        return None if self.phase < self.ROUNDS else [answer(f"Player {(seat + d) % 4 + 1}") for d in (1, 2, 3)]
+        return None if self.phase < self.ROUNDS else [answer(f"Player {s + 1}") for s in self._vote_order(seat)]
+
+    @staticmethod
+    def _vote_order(seat: int) -> list[int]:
+        """The seats one may vote for, in turn order after `seat`: the list always ends with the seat just
+        before the voter's, so which number is missing can be read from the end of the prompt."""
+        return [(seat + d) % 4 for d in (1, 2, 3)]
 
     def random_reply(self, seat):
         if self.phase < self.ROUNDS:
