@@ -523,8 +523,9 @@ def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4) -> li
 
 def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
         decay: float = 0.0, desc: str = "SFT") -> list[float]:
-    """Supervised fine-tuning on (ids, learner mask[, branches]) examples: the mean cross-entropy of the
-    learner's tokens against the token in the text, or against the branch shares where there are some.
+    """Supervised fine-tuning on (ids, learner mask, branches) examples, as encode_conversation makes them:
+    the mean cross-entropy of the learner's tokens against the token in the text, or against the branch
+    shares where there are some.
     The rate warms up over 20 steps, then stays, then falls linearly to 0 over the last `decay` fraction of
     the steps. Returns the loss per step."""
     # Batches of similar length waste little on padding; their order is shuffled every epoch.
@@ -534,20 +535,21 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
     plan = [b for _ in range(math.ceil(epochs)) for b in rng.sample(batches, len(batches))]
     steps = max(1, int(len(batches) * epochs))
     model = policy.model.train()
-    # beta2 = 0.95 and a constant rate after warm-up: a random-init model learns to copy from its prompt
-    # (a legal move from the list of free cells) several times sooner than with the defaults.
+    # beta2 = 0.95 and a constant rate after warm-up (until the decay): a random-init model learns to copy
+    # from its prompt (a legal move from the list of free cells) several times sooner than with the defaults.
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20, (steps - s) / (decay * steps + 1e-9)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 20, (steps - s) / (decay * steps + 1e-9)))
     losses = []
     for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
         batch = [examples[i] for i in plan[step]]
-        mask = torch.zeros(len(batch), max(len(e[0]) for e in batch) - 1)
-        for i, e in enumerate(batch):
-            mask[i, :len(e[1]) - 1] = torch.tensor(e[1][1:], dtype=mask.dtype)
-        logp_all, targets, _ = next_token_logprobs(policy, [e[0] for e in batch], only=mask)
+        mask = torch.zeros(len(batch), max(len(ids) for ids, _, _ in batch) - 1)
+        for i, (_, m, _) in enumerate(batch):
+            mask[i, :len(m) - 1] = torch.tensor(m[1:], dtype=mask.dtype)
+        logp_all, targets, _ = next_token_logprobs(policy, [ids for ids, _, _ in batch], only=mask)
         target = torch.zeros_like(logp_all).scatter_(1, targets[:, None], 1.0)
-        branched = [(row, token, share) for row, (r, t) in enumerate(mask.nonzero().tolist())  # row-major,
-                    for token, share in (batch[r][2] if len(batch[r]) > 2 else {}).get(t + 1, {}).items()]  # as logp_all
+        branched = [(row, token, share) for row, (r, t) in enumerate(mask.nonzero().tolist())  # row-major, as logp_all
+                    for token, share in batch[r][2].get(t + 1, {}).items()]
         if branched:
             rows, tokens, shares = zip(*branched)
             target[list(rows)] = 0.0
