@@ -428,26 +428,33 @@ def load_policy(name_or_path: str = "tiny", device: str = "auto", trust_remote_c
 
 
 # ------------------------------------------------------------------------------------ SFT, warm start
-def random_transcripts(path: Path, n_per_game: int, seed: int = 0) -> Path:
-    """Scripted random-legal play of every game, the learner seat's view as chat JSONL (HF format).
+def random_transcripts(path: Path, n_per_game: int, seed: int = 0, n_nested: int = 0) -> Path:
+    """Scripted random-legal play of every game, the learner seat's view as chat JSONL (HF format), then
+    `n_nested` nested episodes (all games chained, in a random order per episode; see nested.py).
     meta["choices"] lists, per learner turn, every legal reply (None where the reply is free text)."""
+    from nested import NestedGame
+    order = random.Random(seed)
+    plan = [(name, i) for name in games.GAMES for i in range(n_per_game)] + [(None, i) for i in range(n_nested)]
     with open(path, "w") as f:
-        for name in games.GAMES:
-            for i in range(n_per_game):
+        for name, i in plan:
+            if name is None:
+                name = ">".join(order.sample(list(games.GAMES), len(games.GAMES)))
+                g = NestedGame(name.split(">")).reset(seed * 1_000_003 + i)
+            else:
                 g = games.make(name).reset(seed * 1_000_003 + i)
-                messages, choices = [], []
-                while not g.done:
-                    seat = g.to_move
-                    if seat != g.learner_seat:
-                        g.step(seat, g.scripted_reply(seat))
-                        continue
-                    choices.append(g.legal_replies(seat))
-                    reply = g.random_reply(seat)
-                    messages += [{"role": "user", "content": g.prompt(seat)}, {"role": "assistant", "content": reply}]
-                    g.step(seat, reply)
-                meta = {"game": name, "seed": seed * 1_000_003 + i, "player": "random-legal",
-                        "reward": g.rewards[g.learner_seat], "choices": choices}
-                f.write(json.dumps({"messages": messages, "meta": meta}) + "\n")
+            messages, choices = [], []
+            while not g.done:
+                seat = g.to_move
+                if seat != g.learner_seat:
+                    g.step(seat, g.scripted_reply(seat))
+                    continue
+                choices.append(g.legal_replies(seat))
+                reply = g.random_reply(seat)
+                messages += [{"role": "user", "content": g.prompt(seat)}, {"role": "assistant", "content": reply}]
+                g.step(seat, reply)
+            meta = {"game": name, "seed": seed * 1_000_003 + i, "player": "random-legal",
+                    "reward": g.rewards[g.learner_seat], "choices": choices}
+            f.write(json.dumps({"messages": messages, "meta": meta}) + "\n")
     return path
 
 
@@ -569,8 +576,9 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
 # copy_games: extra random games whose few-choice turns make the drills; copy_steps: SFT steps on one game's
 # drills alone (turns with at most copy_choices legal replies), game by game; drill_mix: drills (turns with at
 # most mix_choices legal replies) added to the transcript phase per transcript example, split by mix_shares;
-# decay: the last fraction of the transcript phase, over which the learning rate falls linearly to 0.
-WARM_START = dict(n_per_game=600, copy_games=1500, copy_steps={"tictactoe": 300}, copy_choices=4,
+# decay: the last fraction of the transcript phase, over which the learning rate falls linearly to 0;
+# n_nested: nested episodes (all games in one conversation, see nested.py) among the transcripts.
+WARM_START = dict(n_per_game=600, n_nested=150, copy_games=1500, copy_steps={"tictactoe": 300}, copy_choices=4,
                   mix_choices=6, mix_shares={"matrix": 1 / 3, "tictactoe": 1 / 3, "spy": 1 / 3}, epochs=2.0,
                   drill_mix=0.5, batch_size=32, lr=1e-3, decay=0.5)
 
@@ -580,6 +588,8 @@ def warm_start(seed: int = 0, **overrides) -> Path:
     Phase 1: TicTacToe drills alone, until the model copies a listed cell (see drill_examples).
     Phase 2: whole transcripts of all games, with drills of every game mixed in so that copying is kept
     and the model learns which list each game's answer comes from; the rate decays to 0 at the end.
+    Nested episodes among the transcripts teach it to play a game after others in one conversation:
+    trained on single games only, it made 2.6 invalid TicTacToe replies per matrix>tictactoe>spy episode.
     Wherever the legal replies are known, the targets are their shares (branch_targets), not one draw."""
     settings = {**WARM_START, **overrides}
     key = hashlib.sha1(json.dumps([TINY_VERSION, TINY_CONFIG, settings, seed], sort_keys=True).encode()).hexdigest()[:10]
@@ -590,13 +600,17 @@ def warm_start(seed: int = 0, **overrides) -> Path:
     start = time.time()
     base = build_tiny(CACHE_DIR / f"tiny-base-{key}", seed)
     policy = load_policy(str(base), device="cpu")
-    rows = read_chats(random_transcripts(CACHE_DIR / f"warmstart-{key}.jsonl", settings["n_per_game"], seed))
+    rows = read_chats(random_transcripts(CACHE_DIR / f"warmstart-{key}.jsonl", settings["n_per_game"], seed,
+                                         settings["n_nested"]))
     drill_rows = read_chats(random_transcripts(CACHE_DIR / f"drills-{key}.jsonl", settings["copy_games"], seed + 1))
     batch, lr, losses = settings["batch_size"], settings["lr"], []
     for name, steps in settings["copy_steps"].items():
         copying = drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name], settings["copy_choices"])
         losses += sft(policy, copying, steps * batch / len(copying), batch, lr, seed, desc=f"warm start 1/2: {name} drills")
-    examples = conversation_examples(policy, rows, turn_examples=True)
+    # A nested episode's turns on their own would repeat the single games' turn examples: whole episodes only.
+    single = [r for r in rows if ">" not in r["meta"]["game"]]
+    nested = [r for r in rows if ">" in r["meta"]["game"]]
+    examples = conversation_examples(policy, single, turn_examples=True) + conversation_examples(policy, nested)
     n_drills = len(examples) * settings["drill_mix"]
     for name, share in settings["mix_shares"].items():
         drills = drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name], settings["mix_choices"])
