@@ -438,8 +438,8 @@ def random_transcripts(path: Path, n_per_game: int, seed: int = 0, n_nested: int
     with open(path, "w") as f:
         for name, i in plan:
             if name is None:
-                name = ">".join(order.sample(list(games.GAMES), len(games.GAMES)))
-                g = NestedGame(name.split(">")).reset(seed * 1_000_003 + i)
+                chain = order.sample(list(games.GAMES), len(games.GAMES))
+                name, g = ">".join(chain), NestedGame(chain).reset(seed * 1_000_003 + i)
             else:
                 g = games.make(name).reset(seed * 1_000_003 + i)
             messages, choices = [], []
