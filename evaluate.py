@@ -20,10 +20,7 @@ from pathlib import Path
 
 import torch
 
-from games import game_names, make, play
-
-EVAL_SEED = 2_000_000_000  # evaluation seeds start here; training seeds stay far below
-
+from games import eval_seed, game_names, make, play
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval of a binomial proportion."""
@@ -36,20 +33,21 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 def score(policy, names, n: int, split: str = "train", opponent: str = "random", temperature: float = 0.0,
-          max_new_tokens: int = 24, batch_size: int = 64, seed: int = EVAL_SEED) -> dict[str, dict]:
+          max_new_tokens: int = 24, batch_size: int = 64, first: int = 0) -> dict[str, dict]:
     """Play n seeded games of each game with `policy` in the learner seat (scripted opponents; for
-    TicTacToe the scripted `opponent`, or random when training used an LLM opponent)."""
+    TicTacToe the scripted `opponent`, or random when training used an LLM opponent): evaluation games
+    first .. first + n - 1, whose seeds no training run uses (games.eval_seed)."""
     from grpo import is_llm_opponent, make_game, rollout
     opponent = "random" if is_llm_opponent(opponent) else opponent
     results = {}
     for name in names:
-        episodes = [make_game(name, split, opponent).reset(seed + i) for i in range(n)]
+        episodes = [make_game(name, split, opponent).reset(eval_seed(first + i)) for i in range(n)]
         turns = 0
         # Similar prompt lengths share a batch, so little compute goes to padding.
         ordered = sorted(episodes, key=lambda g: len(g.prompt(g.to_move)))
         for start in range(0, n, batch_size):
             chunk = ordered[start:start + batch_size]
-            batch = rollout(policy, chunk, temperature, max_new_tokens, seed=seed + start)
+            batch = rollout(policy, chunk, temperature, max_new_tokens, seed=eval_seed(first + start))
             turns += sum(m["role"] == "assistant" for msgs in batch.messages for m in msgs)
         outcomes = [g.outcome(g.learner_seat) for g in episodes]
         invalid = sum(g.invalid[g.learner_seat] for g in episodes)
@@ -147,7 +145,7 @@ def benchmark_score(policy, path: Path) -> dict[str, float]:
             continue
         item = json.loads(line)
         answer = item["answer"] if isinstance(item["answer"], int) else item["choices"].index(item["answer"])
-        prompt = policy.user_turn_ids([], item["question"])
+        prompt = policy.user_turn_ids(item["question"], first=True)
         seqs = [prompt + policy.reply_ids(str(c)) for c in item["choices"]]  # each choice as a whole reply
         with torch.no_grad():
             logp = token_logprobs(policy, seqs)

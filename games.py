@@ -32,6 +32,20 @@ INVALID_PENALTY = -0.1
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
 
+# One seed scheme: training instances have even seeds and evaluation games odd ones, so that training never
+# plays an evaluation game, whatever the run's seed (a nested game keeps its parity in its sub-games).
+def train_seed(run_seed: int, step: int, index: int) -> int:
+    """The seed of instance `index` of a training step (distinct for step < 1,000,003, index < 100,003)."""
+    if run_seed < 0 or not 0 <= index < 100_003:
+        raise ValueError("seeds and instance indices are non-negative (and an index is below 100,003)")
+    return 2 * ((run_seed * 1_000_003 + step) * 100_003 + index)
+
+
+def eval_seed(i: int) -> int:
+    """The seed of evaluation game i."""
+    return 2 * i + 1
+
+
 def parse_answer(text) -> str | None:
     """The inside of the last complete <answer>...</answer> in `text`, stripped; None if there is none."""
     if not isinstance(text, str):

@@ -13,7 +13,9 @@ episode i (only tokens the learner sampled; game-master and opponent text is mas
 
 Groups whose rewards are all equal carry no signal and are dropped (optionally only the top fraction of
 groups by spread is kept). The batch is split into minibatches, one AdamW step each (grad norm clipped at
-1), so the ratio and the clip act from the second minibatch on. std is the population standard deviation.
+1), so the ratio and the clip act from the second minibatch on; mean_t is over the learner tokens of the
+whole step (a minibatch divides its sum by the step's tokens per minibatch), so every token weighs the same.
+std is the population standard deviation.
 
 Simplifications: one process (no DDP yet); the reference model is the model training started from; an
 episode's text is what the learner saw, in the games' own prompts.
@@ -126,18 +128,21 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group", top_fraction: 
 
 
 def grpo_loss(logp, logp_old, logp_ref, advantages, mask, eps_low=0.2, eps_high=0.28, beta=0.04,
-              aggregation="token"):
+              aggregation="token", normalizer=None):
     """The clipped GRPO objective with a k3 KL penalty. Tensors are [sequences, tokens]; `advantages` is
-    [sequences]; `mask` is 1 on the learner's sampled tokens. Returns the loss and per-token diagnostics."""
+    [sequences]; `mask` is 1 on the learner's sampled tokens. The sum over tokens (or over sequences' means)
+    is divided by `normalizer`, by default this batch's learner tokens (or sequences); `update` passes the
+    step's count per minibatch, so that every token of the step weighs the same whatever its minibatch.
+    Returns the loss and per-token diagnostics."""
     ratio = torch.exp(logp - logp_old)
     adv = advantages[:, None]
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
     k3 = torch.exp(logp_ref - logp) - (logp_ref - logp) - 1 if logp_ref is not None else torch.zeros_like(logp)
     per_token = -surrogate + beta * k3
     if aggregation == "token":
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        loss = (per_token * mask).sum() / (normalizer or mask.sum().clamp(min=1))
     else:  # mean over each sequence's tokens, then over sequences
-        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / (normalizer or len(mask))
     clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
     return loss, {"kl": k3, "clipped": clipped.float(), "ratio": ratio}
 
@@ -165,6 +170,11 @@ def update(learner, reference, optimizer, batch, rows, advantages, args, step=0)
     by_length = sorted(rows, key=lambda r: (longest[group[r]], group[r], len(batch.ids[r])))
     chunks = [c for c in np.array_split(by_length, args.minibatches) if len(c)]
     chunks = random.Random(f"{args.seed}:{step}").sample(chunks, len(chunks))
+    # The loss is the mean over the step's learner tokens (or sequences): each minibatch divides its sum by
+    # the step's count per minibatch, not by its own count, so short (Matrix) episodes in a minibatch of
+    # their own weigh no more per token than long ones; the step size stays that of a per-minibatch mean.
+    learner_tokens = sum(sum(batch.sampled[r][1:]) for r in rows)
+    normalizer = (learner_tokens if args.aggregation == "token" else len(rows)) / len(chunks)
     logs = {"loss": [], "kl": [], "clip_ratio": [], "entropy": [], "approx_kl": [], "grad_norm": []}
     learner.model.train()
     for chunk in chunks:
@@ -180,7 +190,7 @@ def update(learner, reference, optimizer, batch, rows, advantages, args, step=0)
                 logp_ref = policy_lib.token_logprobs(reference, seqs, args.temperature, only=mask, groups=groups)
         adv = torch.tensor([advantages[r] for r in chunk], device=dev)
         loss, diag = grpo_loss(logp, logp_old, logp_ref, adv, mask, args.eps_low, args.eps_high, args.beta,
-                               args.aggregation)
+                               args.aggregation, normalizer)
         optimizer.zero_grad()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(learner.model.parameters(), 1.0)
@@ -233,6 +243,12 @@ def parse_args(argv=None):
     p.add_argument("--eval-games", type=int, default=200, help="held-out games per game before and after (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="fixes the games, the sampling and the minibatch order (the tiny model's initial weights have their own fixed seed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="compute precision; weights and optimizer state stay float32 (auto: bf16 on a GPU that has it)")
+    p.add_argument("--thinking", action="store_true",
+                   help="let templates with a thinking switch (Qwen3) think; off by default, as replies are short")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in backward: less memory for long nested conversations, slower")
     p.add_argument("--run-dir", default=None, help="where metrics, transcripts and checkpoints go (default runs/<games>-seed<seed>)")
     p.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps")
     p.add_argument("--transcripts", type=int, default=2, help="learner transcripts saved per step")
@@ -243,6 +259,8 @@ def parse_args(argv=None):
         parse_opponent(args.opponent)
         if args.group_size < 2:
             raise ValueError(f"--group-size must be at least 2 (GRPO compares episodes within a group), got {args.group_size}")
+        if args.seed < 0:
+            raise ValueError("--seed must be non-negative")
         for name in ("steps", "instances", "minibatches", "max_new_tokens"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -262,7 +280,7 @@ def step_instances(args, step: int) -> list[tuple[str, int]]:
     draws the same games. Mixed: one game per group, drawn uniformly; nested: all games in order."""
     rng = random.Random(f"{args.seed}:{step}")
     names = [">".join(args.games) if args.mode == "nested" else rng.choice(args.games) for _ in range(args.instances)]
-    return [(name, args.seed * 1_000_000_007 + step * args.instances + b) for b, name in enumerate(names)]
+    return [(name, games.train_seed(args.seed, step, b)) for b, name in enumerate(names)]
 
 
 def save_checkpoint(learner, optimizer, args, step, totals):
@@ -288,13 +306,17 @@ def setup(args):
     if args.resume and not (checkpoint / "trainer_state.pt").exists():
         sys.exit(f"grpo.py: nothing to resume in {args.run_dir}")
     args.start_model = args.model if args.model != "tiny" else str(policy_lib.warm_start())
-    learner = policy_lib.load_policy(str(checkpoint) if args.resume else args.start_model, args.device)
-    reference = policy_lib.load_policy(args.start_model, args.device) if args.beta > 0 else None
+    load = lambda path: policy_lib.load_policy(path, args.device, args.precision, args.thinking)
+    learner = load(str(checkpoint) if args.resume else args.start_model)
+    if args.grad_checkpointing:
+        policy_lib.checkpointing(learner.model, enable=True)
+    reference = load(args.start_model) if args.beta > 0 else None
     opponent = None
     if args.opponent == "self":
-        opponent = policy_lib.Policy(copy.deepcopy(learner.model), learner.tokenizer, "self")
+        opponent = policy_lib.Policy(copy.deepcopy(learner.model), learner.tokenizer, "self", args.thinking,
+                                     learner.precision)
     elif args.opponent.startswith("model:"):
-        opponent = policy_lib.load_policy(args.opponent[len("model:"):], args.device)
+        opponent = load(args.opponent[len("model:"):])
     optimizer = torch.optim.AdamW(learner.model.parameters(), lr=args.lr, weight_decay=0.0)
     step, totals = 0, {"turns": 0, "tokens": 0, "episodes": 0}
     if args.resume:
@@ -319,7 +341,7 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals) -> di
     started = time.time()
     episodes = [make_game(name, "train", args.opponent, args.nested_reward).reset(seed)
                 for name, seed in step_instances(args, step) for _ in range(args.group_size)]
-    batch = rollout(learner, episodes, args.temperature, args.max_new_tokens, seed=args.seed * 100_003 + step,
+    batch = rollout(learner, episodes, args.temperature, args.max_new_tokens, seed=games.train_seed(args.seed, step, 0),
                     opponent=opponent)
     rollout_seconds = time.time() - started
     rewards = torch.tensor([g.rewards[g.learner_seat] for g in episodes]).view(args.instances, args.group_size)

@@ -33,8 +33,8 @@ class NestedGame(games.Game):
     def __init__(self, names: list[str], split: str = "train", reward: str = "mean", options: dict | None = None):
         if reward not in NESTED_REWARDS:
             raise ValueError(f"nested reward must be one of {', '.join(NESTED_REWARDS)}, got {reward!r}")
-        if len(names) < 2:
-            raise ValueError("a nested game chains at least two games")
+        if not 2 <= len(names) <= 16:
+            raise ValueError("a nested game chains 2 to 16 games")
         super().__init__(split)
         self.names, self.reward_rule = list(names), reward
         self.subgames = [games.make(n, split=split, **(options or {}).get(n, {})) for n in names]
@@ -42,8 +42,8 @@ class NestedGame(games.Game):
 
     def reset(self, seed: int) -> "NestedGame":
         self.seed, self.learner_seat, self.current = seed, 0, 0
-        for k, g in enumerate(self.subgames):
-            g.reset(seed * 16 + k)
+        for k, g in enumerate(self.subgames):  # of the seed's parity: training and evaluation seeds stay apart
+            g.reset(2 * (seed * 16 + k) + seed % 2)
         self.learner_moved = False  # has the learner replied in the current sub-game yet?
         self._sync()
         return self

@@ -46,39 +46,100 @@ TINY_CONFIG = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, 
 TINY_VERSION = 10  # bump when anything that shapes the tiny model or its warm start changes
 
 
-class Policy:
-    """A causal LM, its tokenizer and the chat conventions needed to build token sequences turn by turn."""
+# A fixed two-message history: what a chat template inserts for a new user message after an assistant turn
+# is read off its rendering after this history (see Policy.user_turn_ids).
+REFERENCE_HISTORY = [{"role": "user", "content": "Reference question 7"},
+                     {"role": "assistant", "content": "Reference reply 7"}]
 
-    def __init__(self, model, tokenizer, name: str):
-        self.model, self.tokenizer, self.name = model, tokenizer, name
+
+class Policy:
+    """A causal LM, its tokenizer and the chat conventions needed to build token sequences turn by turn.
+
+    A conversation's token sequence is append-only: the first user chunk as the template renders it, then
+    per turn the reply's exact ids, closed by the end-of-turn token, and the next user chunk. Earlier turns
+    stay exactly as sampled, even where a template would re-render them (Qwen3 drops earlier think blocks,
+    Llama-3 trims content): that is what the model conditioned on while sampling, so the ratio is exact.
+    `thinking` is passed to templates that have the switch (`enable_thinking`, Qwen3); `precision` "bf16"
+    runs forward passes under bf16 autocast while the weights (and so AdamW's state) stay float32."""
+
+    def __init__(self, model, tokenizer, name: str, thinking: bool = False, precision: str = "fp32"):
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        self.model, self.tokenizer, self.name, self.precision = model, tokenizer, name, precision
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        eos = model.generation_config.eos_token_id if model.generation_config else None
-        self.stop_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.eos_id = tokenizer.eos_token_id
+        template = tokenizer.chat_template or ""
+        self.template_options = {"enable_thinking": thinking} if "enable_thinking" in template else {}
+        self.end_id = self._end_of_turn_id()
+        self.end_text = tokenizer.convert_ids_to_tokens(self.end_id)
+        eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        self.stop_ids = {self.end_id, tokenizer.eos_token_id, *eos} - {None}
 
     def render(self, messages, add_generation_prompt=False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  **self.template_options)
 
-    def user_turn_ids(self, history: list[dict], text: str) -> list[int]:
-        """Token ids between the end of `history` (just after the last reply's end-of-turn token) and the
-        start of the next assistant reply: the template's text around a new user message, tokenized once."""
-        after = self.render(history + [{"role": "user", "content": text}], add_generation_prompt=True)
-        if not history:
-            return self.tokenizer(after, add_special_tokens=False)["input_ids"]
-        before = self.render(history)
-        last = history[-1]["content"]
-        tail = before[before.rindex(last) + len(last):]  # e.g. "<|end|>" or "<|im_end|>\n"
-        eos_text = self.tokenizer.eos_token or ""
-        tail = tail[len(eos_text):] if tail.startswith(eos_text) else tail  # the end token is already in
-        return self.tokenizer(tail + after[len(before):], add_special_tokens=False)["input_ids"]
+    def _end_of_turn_id(self) -> int:
+        """The token the template closes an assistant turn with: the first special token after the reference
+        reply (Qwen `<|im_end|>`, Llama-3 `<|eot_id|>`, Gemma `<end_of_turn>`), which need not be eos."""
+        text = self.render(REFERENCE_HISTORY)
+        reply = REFERENCE_HISTORY[1]["content"]
+        after = self.tokenizer(text[text.index(reply) + len(reply):], add_special_tokens=False)["input_ids"]
+        special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder)
+        found = next((i for i in after if i in special), self.tokenizer.eos_token_id)
+        if found is None:
+            raise ValueError(f"cannot tell the end-of-turn token of {self.name!r}'s chat template")
+        return found
+
+    def user_turn_ids(self, text: str, first: bool) -> list[int]:
+        """The token ids the chat template inserts for a user message `text`, up to the start of the
+        assistant's reply (generation prompt included). The first message: the template's whole rendering
+        (a default system prompt, bos). A later one: what the template puts after an assistant turn's
+        end-of-turn token, read off its rendering after a fixed reference history, so that neither the
+        conversation's own replies nor how the template renders them (trimmed, think blocks dropped) matter."""
+        message = [{"role": "user", "content": text}]
+        if first:
+            chunk = self.render(message, add_generation_prompt=True)
+        else:
+            full = self.render(REFERENCE_HISTORY + message, add_generation_prompt=True)
+            reply_end = full.index(REFERENCE_HISTORY[1]["content"]) + len(REFERENCE_HISTORY[1]["content"])
+            chunk = full[full.index(self.end_text, reply_end) + len(self.end_text):]
+        return self.tokenizer(chunk, add_special_tokens=False)["input_ids"]
+
+    def close_reply(self, ids: list[int]) -> tuple[list[int], list[int]]:
+        """A reply's ids closed by the end-of-turn token, and the mask of the tokens to train on. A reply
+        that stopped on it keeps it (trained: the model chose to stop); one cut at the token limit, or that
+        stopped on another stop token (eos), gets it appended, untrained (the model did not choose it)."""
+        if ids and ids[-1] == self.end_id:
+            return list(ids), [1] * len(ids)
+        return list(ids) + [self.end_id], [1] * len(ids) + [0]
 
     def reply_ids(self, text: str) -> list[int]:
-        """A reply given as text (SFT data), closed by the end-of-turn token."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
+        """A reply given as text (SFT data), closed by the end-of-turn token, which is trained on."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.end_id]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in self.stop_ids], skip_special_tokens=True)
+
+    def autocast(self):
+        """bf16 compute with float32 weights: a bf16 AdamW with no float32 master copy would round away
+        every update below ~1e-4 relative to the weight, i.e. all of them at RL learning rates."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on decoder states, with the model's own final-logit processing (Gemma-2's
+        softcapping, Cohere's logit scale, Granite's logit scaling), as its forward applies it when sampling.
+        load_policy checks this against the model's forward, so an unknown processing fails loudly."""
+        logits = self.model.get_output_embeddings()(hidden)
+        config = self.model.config
+        if getattr(config, "final_logit_softcapping", None):
+            logits = torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
+        if getattr(config, "logit_scale", None):
+            logits = logits * config.logit_scale
+        if getattr(config, "logits_scaling", None):
+            logits = logits / config.logits_scaling
+        return logits
 
 
 # ------------------------------------------------------------------------------------ generation
@@ -159,7 +220,7 @@ class ChatBatch:
         self.logprobs[row] += logprobs if logprobs is not None else [0.0] * len(ids)
 
     def add_user(self, row: int, text: str):
-        chunk = self.policy.user_turn_ids(self.messages[row], text)
+        chunk = self.policy.user_turn_ids(text, first=not self.messages[row])
         self.messages[row].append({"role": "user", "content": text})
         self._append(row, chunk)
         self.pending[row] += chunk
@@ -208,13 +269,15 @@ class ChatBatch:
             unique, copies = torch.unique(torch.cat([ids, new_mask, pos], 1), dim=0, return_inverse=True)
             ids, new_mask, pos = unique.to(dev).split(ids.shape[1], 1)
             copies = copies.to(dev)
-            out = self.policy.model(input_ids=ids, attention_mask=new_mask, position_ids=pos,
-                                    past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            with self.policy.autocast():
+                out = self.policy.model(input_ids=ids, attention_mask=new_mask, position_ids=pos,
+                                        past_key_values=self.cache, use_cache=True, logits_to_keep=1)
             self.cache.reorder_cache(copies)
             return out.logits[copies, -1].float()
         self.mask = torch.cat([self.mask, new_mask.to(dev)], 1)
-        out = self.policy.model(input_ids=ids.to(dev), attention_mask=self.mask, position_ids=pos.to(dev),
-                                past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        with self.policy.autocast():
+            out = self.policy.model(input_ids=ids.to(dev), attention_mask=self.mask, position_ids=pos.to(dev),
+                                    past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
     @torch.no_grad()
@@ -241,13 +304,14 @@ class ChatBatch:
                 token = int(choice[self.slot[r]])
                 replies[r].append(token)
                 self._append(r, [token], 1, [float(logp[self.slot[r], token])])
-                if token in self.policy.stop_ids:
-                    self.pending[r] = [token]  # in the conversation; the cache sees it with the next turn
-                elif step < max_new_tokens - 1:
+                if token in self.policy.stop_ids or step == max_new_tokens - 1:
+                    # The turn is over; an end-of-turn token the model did not choose is appended untrained.
+                    # The cache sees these tokens with the next turn.
+                    closed, trained = self.policy.close_reply(replies[r])
+                    self.pending[r] = closed[len(replies[r]) - 1:]
+                    self._append(r, closed[len(replies[r]):])
+                else:
                     feed[r] = [token]
-                else:  # out of budget: close the turn with an end token the model did not choose
-                    self.pending[r] = [token, self.policy.eos_id]
-                    self._append(r, [self.policy.eos_id])
             self.new_tokens += len(active)
             active = list(feed)
             if not active:
@@ -269,14 +333,28 @@ def token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1
     the learner's own tokens: the long prompts then cost one pass of the decoder and no vocabulary.
     `groups` (a label per sequence, e.g. its GRPO group): sequences with one label run the tokens they
     all begin with (the group's prompt) through the decoder once and share its keys and values."""
+    if checkpointing(policy.model) and policy.model.training:
+        groups = None  # checkpointed layers keep no KV cache in training mode, so no prefix can be shared
     logp_all, targets, where = next_token_logprobs(policy, seqs, temperature, only, groups)
     picked = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    entropy = None
+    if with_entropy:  # a diagnostic: no graph, which would hold [tokens, vocab] tensors through backward
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
     if where is not None:  # scatter back to [sequences, tokens]
         picked = torch.zeros(where.shape, device=picked.device, dtype=picked.dtype).masked_scatter(where, picked)
         if with_entropy:
             entropy = torch.zeros(where.shape, device=picked.device, dtype=entropy.dtype).masked_scatter(where, entropy)
     return (picked, entropy) if with_entropy else picked
+
+
+def checkpointing(model, enable: bool = False) -> bool:
+    """Is activation (gradient) checkpointing on; with `enable`, turn it on first. (transformers 5.x renamed
+    it from gradient to activation checkpointing.)"""
+    kind = "activation" if hasattr(type(model), "is_activation_checkpointing") else "gradient"
+    if enable:
+        getattr(model, f"{kind}_checkpointing_enable")()
+    return bool(getattr(model, f"is_{kind}_checkpointing", False))
 
 
 def next_token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1.0,
@@ -288,17 +366,18 @@ def next_token_logprobs(policy: Policy, seqs: list[list[int]], temperature: floa
     ids, mask, _ = pad(seqs, policy.pad_id)
     ids, mask = ids.to(dev), mask.to(dev)
     targets = ids[:, 1:]
-    if only is None and groups is None:
-        logits = policy.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        where = None
-    else:
-        where = (only.to(dev) if only is not None else mask[:, 1:]).bool()
-        if groups is None:
-            hidden = policy.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][where]
+    with policy.autocast():
+        if only is None and groups is None:
+            logits = policy.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            where = None
         else:
-            hidden = shared_prefix_states(policy, seqs, groups, where)
-        logits = policy.model.get_output_embeddings()(hidden)
-        targets = targets[where]
+            where = (only.to(dev) if only is not None else mask[:, 1:]).bool()
+            if groups is None:
+                hidden = policy.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][where]
+            else:
+                hidden = shared_prefix_states(policy, seqs, groups, where)
+            logits = policy.logits(hidden)
+            targets = targets[where]
     return torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1), targets, where
 
 
@@ -404,16 +483,21 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
 
-def load_policy(name_or_path: str = "tiny", device: str = "auto", trust_remote_code=False) -> Policy:
+def default_precision(device: torch.device) -> str:
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def load_policy(name_or_path: str = "tiny", device: str = "auto", precision: str = "auto", thinking: bool = False,
+                trust_remote_code: bool = False) -> Policy:
     """'tiny' -> the embedded model, warm-started (built and cached on first use); anything else -> a local
-    folder or an already-cached Hub model, loaded with AutoModelForCausalLM / AutoTokenizer."""
+    folder or an already-cached Hub model, loaded with AutoModelForCausalLM / AutoTokenizer. The weights
+    are float32 whatever `precision` (auto: bf16 compute on a GPU that has it, else fp32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dev = pick_device(device)
     path = warm_start() if name_or_path == "tiny" else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
                                                      trust_remote_code=trust_remote_code).to(dev)
     except (OSError, ValueError) as error:
         raise SystemExit(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}\n"
@@ -424,7 +508,23 @@ def load_policy(name_or_path: str = "tiny", device: str = "auto", trust_remote_c
         raise SystemExit(f"model {name_or_path!r} has no chat template; use an instruct/chat model")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Policy(model.eval(), tokenizer, str(name_or_path))
+    policy = Policy(model.eval(), tokenizer, str(name_or_path), thinking,
+                    default_precision(dev) if precision == "auto" else precision)
+    check_logits(policy)
+    return policy
+
+
+def check_logits(policy: Policy):
+    """Training log-probs apply Policy.logits to decoder states; sampling uses the model's forward. Both
+    must give the same logits, or the GRPO ratio is not 1 at the first step: check it on a few tokens."""
+    ids = torch.tensor([policy.tokenizer("A check of the final logits.", add_special_tokens=False)["input_ids"]],
+                       device=policy.device)
+    with torch.no_grad():
+        expected = policy.model(input_ids=ids).logits.float()
+        got = policy.logits(policy.model.get_decoder()(input_ids=ids).last_hidden_state).float()
+    if not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+        raise SystemExit(f"model {policy.name!r} processes its final logits in a way policy.Policy.logits does not "
+                         f"know (max difference {float((got - expected).abs().max()):.3g}); add it there")
 
 
 # ------------------------------------------------------------------------------------ SFT, warm start
@@ -458,25 +558,29 @@ def random_transcripts(path: Path, n_per_game: int, seed: int = 0, n_nested: int
     return path
 
 
-def encode_conversation(policy: Policy, messages: list[dict], choices: list | None = None):
-    """Token ids of a chat, a 0/1 mask of the assistant's tokens (built turn by turn as in rollouts), and
-    the branch targets of the assistant turns whose legal replies are listed in `choices` (one list or
-    None per assistant turn): {position: {token: share}}, see branch_targets."""
-    ids, mask, history, branches = [], [], [], {}
-    legal_lists = iter(choices or [])
+def encode_conversation(policy: Policy, messages: list[dict], choices: list | None = None,
+                        replies: list[list[int]] | None = None):
+    """A conversation's token ids and the 0/1 mask of the learner's trained tokens, built turn by turn
+    exactly as rollouts build them (Policy.user_turn_ids, Policy.close_reply), plus the branch targets of
+    the assistant turns whose legal replies are listed in `choices` (one list or None per assistant turn):
+    {position: {token: share}}, see branch_targets. Assistant turns are `replies[k]`, a turn's exact
+    sampled ids, where given, else their text tokenized and closed by the end-of-turn token (SFT)."""
+    ids, mask, branches = [], [], {}
+    legal_lists, sampled = iter(choices or []), iter(replies or [])
     for m in messages:
         if m["role"] == "assistant":
-            chunk = policy.reply_ids(m["content"])
+            given = next(sampled, None)
+            chunk, trained = policy.close_reply(given) if given is not None else (policy.reply_ids(m["content"]), None)
+            trained = trained or [1] * len(chunk)
             legal = next(legal_lists, None)
             if legal:
                 for t, share in branch_targets(chunk, [policy.reply_ids(r) for r in legal]).items():
                     branches[len(ids) + t] = share
-            mask += [1] * len(chunk)
         else:
-            chunk = policy.user_turn_ids(history, m["content"])
-            mask += [0] * len(chunk)
+            chunk = policy.user_turn_ids(m["content"], first=not ids)
+            trained = [0] * len(chunk)
         ids += chunk
-        history.append(m)
+        mask += trained
     return ids, mask, branches
 
 

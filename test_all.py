@@ -422,7 +422,7 @@ def test_sequences_are_built_from_sampled_ids_not_retokenized_text(tiny):
         assert [tiny.decode(t) for t in turns] == replies
 
 
-        assert ids.count(tiny.eos_id) == 2 * len(replies)  # one closing each user turn, one each reply
+        assert ids.count(tiny.end_id) == 2 * len(replies)  # one closing each user turn, one each reply
 
 
 def test_generation_is_reproducible_and_greedy_is_deterministic(tiny):
@@ -508,7 +508,7 @@ def test_sft_on_branch_targets_learns_the_legal_shares_not_the_drawn_reply(tiny)
         student = policy_lib.Policy(copy.deepcopy(tiny.model), tiny.tokenizer, "student")
         example = policy_lib.encode_conversation(student, messages, [legal] if with_branches else None)
         policy_lib.sft(student, [example] * 4, epochs=40, batch_size=4, lr=3e-3)
-        ids = student.user_turn_ids([], prompt["content"]) + tiny.reply_ids(legal[0])[:1]
+        ids = student.user_turn_ids(prompt["content"], first=True) + tiny.reply_ids(legal[0])[:1]
         with torch.no_grad():
             logp = torch.log_softmax(student.model(torch.tensor([ids])).logits[0, -1].float(), -1)
         shares[with_branches] = logp[cells].exp().tolist()
@@ -613,8 +613,8 @@ def test_warm_start_learns_format_and_rules_not_strategy(warm, tiny):
     noise: at most 7% invalid turns in every game (a random-init model has almost no valid ones), and no
     strategy beyond random-legal play."""
     import evaluate
-    scores = evaluate.score(warm, list(games.GAMES), 200, temperature=1.0, seed=10_000)
-    untrained = evaluate.score(tiny, list(games.GAMES), 20, temperature=1.0, seed=10_000)
+    scores = evaluate.score(warm, list(games.GAMES), 200, temperature=1.0, first=10_000)
+    untrained = evaluate.score(tiny, list(games.GAMES), 20, temperature=1.0, first=10_000)
     for name, row in scores.items():
         assert row["invalid"] <= 0.07, (name, row)
         assert untrained[name]["invalid"] > row["invalid"] + 0.3, (name, row)
@@ -623,7 +623,7 @@ def test_warm_start_learns_format_and_rules_not_strategy(warm, tiny):
     for name in games.GAMES:
         wins = 0
         for i in range(200):
-            g = grpo.make_game(name, "train", "random").reset(10_000 + i)
+            g = grpo.make_game(name, "train", "random").reset(games.eval_seed(10_000 + i))
             games.play(g, ["random" if s == g.learner_seat else "scripted" for s in range(g.num_seats)])
             wins += g.outcome(g.learner_seat) == "win"
         random_rate[name] = wins / 200
@@ -870,3 +870,249 @@ def test_a_groups_prompt_is_prefilled_once_and_sampling_is_unchanged(tiny, monke
     assert all(w == 7 for w in widths[1:])  # then every row has its own tokens
     assert again.ids == batch.ids  # and the rows sharing a prefill still sample their own replies
     assert len({tuple(again.ids[r]) for r in (0, 1, 2)}) > 1
+
+
+# ====================================================================================== any chat model
+# Tiny random models of three architectures, each with a chat template written here that has the properties
+# real families have: Qwen2 (a default system prompt, a newline after the end token), Llama-3 (bos, content
+# trimmed, an end-of-turn token that is not eos), Qwen3 (earlier think blocks dropped, a thinking switch).
+QWEN2_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|start_header_id|>system<|end_header_id|>\n\n"
+    "Cutting Knowledge Date: December 2023\n\n<|eot_id|>{% endif %}"
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+QWEN3_TEMPLATE = (
+    "{% set ns = namespace(last_user=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+    "{% set content = m['content'].split('</think>')[-1].lstrip('\\n') %}"
+    "{% set thought = m['content'].split('</think>')[0].split('<think>')[-1].strip('\\n') if '</think>' in m['content'] else '' %}"
+    "{% if loop.index0 > ns.last_user %}<|im_start|>assistant\n<think>\n{{ thought }}\n</think>\n\n{{ content }}<|im_end|>\n"
+    "{% else %}<|im_start|>assistant\n{{ content }}<|im_end|>\n{% endif %}"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+FAMILIES = {  # name: (config class, template, eos, end of turn, bos)
+    "llama": ("LlamaConfig", LLAMA3_TEMPLATE, "<|end_of_text|>", "<|eot_id|>", "<|begin_of_text|>"),
+    "qwen2": ("Qwen2Config", QWEN2_TEMPLATE, "<|im_end|>", "<|im_end|>", None),
+    "qwen3": ("Qwen3Config", QWEN3_TEMPLATE, "<|im_end|>", "<|im_end|>", None),
+}
+
+
+def _family_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    special = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+               "<|end_header_id|>", "<|eot_id|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [games.make(n).reset(s).prompt(0) for n in games.GAMES for s in range(20)] + ["system user assistant"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=special, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_tokens(["<think>", "</think>"])  # added, not special, as in Qwen3
+    return tok
+
+
+@pytest.fixture(scope="session")
+def families(tmp_path_factory):
+    """name -> a tiny random model of that architecture, saved and loaded through load_policy."""
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+    tok, out = _family_tokenizer(), {}
+    for name, (config_class, template, eos, end, bos) in FAMILIES.items():
+        hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos, pad_token="<|pad|>")
+        hf.chat_template = template
+        config = getattr(transformers, config_class)(
+            vocab_size=len(hf), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, max_position_embeddings=1024, pad_token_id=hf.pad_token_id,
+            eos_token_id=hf.eos_token_id, bos_token_id=hf.bos_token_id)
+        torch.manual_seed(0)
+        model = getattr(transformers, config_class.replace("Config", "ForCausalLM"))(config)
+        model.generation_config.eos_token_id = sorted({hf.eos_token_id, hf.convert_tokens_to_ids(end)})
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        hf.save_pretrained(path)
+        out[name] = policy_lib.load_policy(str(path), device="cpu")
+    return out
+
+
+AWKWARD_REPLIES = ["", "ends in a space ", "ends in a newline\n", "e", "<|im_end|> and <|eot_id|> as text",
+                   "Reference reply 7", "<think>\nhm\n</think>\n\n<answer>1</answer>"]
+
+
+def _family_rollout(policy, seed=0):
+    """Three rows over three turns, sampled; some replies are cut at the token limit, some stop."""
+    batch = policy_lib.ChatBatch(policy, 3, seed=seed)
+    for turn in range(3):
+        for r in range(3):
+            batch.add_user(r, f"Turn {turn} of row {r}. " + games.make("tictactoe").reset(r + turn).prompt(0))
+        batch.generate([0, 1, 2], max_new_tokens=3 + 2 * turn, temperature=1.0)
+    return batch
+
+
+def _turn_spans(policy, ids, trained):
+    """A sequence cut into its turns: (user chunk, the reply's trained ids, the closed reply) each."""
+    spans, k = [], 0
+    while k < len(ids):
+        start = k
+        while not trained[k]:
+            k += 1
+        user, start = ids[start:k], k
+        while k < len(ids) and trained[k]:
+            k += 1
+        reply = ids[start:k]
+        k += reply[-1] != policy.end_id  # the end-of-turn token appended untrained to a cut reply
+        spans.append((user, reply, ids[start:k]))
+    return spans
+
+
+def _check_user_chunks(policy, messages, user_chunks):
+    """Independent truth: each user chunk is what the template renders for the conversation so far after
+    the end token that closes the previous turn (the first: the whole rendering)."""
+    for k, chunk in enumerate(user_chunks):
+        full = policy.render(messages[:2 * k + 1], add_generation_prompt=True)
+        if k == 0:
+            assert chunk == policy.tokenizer(full, add_special_tokens=False)["input_ids"]
+        else:
+            cut = full.rindex(policy.end_text, 0, full.rindex(messages[2 * k]["content"])) + len(policy.end_text)
+            assert policy.tokenizer.decode(chunk) == full[cut:], (k, full[cut:])
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_any_chat_template_multi_turn_sequences_match_the_template_turn_by_turn(families, name):
+    policy = families[name]
+    eos, end = FAMILIES[name][2], FAMILIES[name][3]
+    assert policy.end_text == end and policy.tokenizer.convert_ids_to_tokens(policy.end_id) == end
+    assert (policy.end_id != policy.tokenizer.eos_token_id) == (name == "llama")  # Llama-3: eot is not eos
+    batch = _family_rollout(policy)
+    forced = 0
+    for r in range(3):
+        spans = _turn_spans(policy, batch.ids[r], batch.sampled[r])
+        assert len(spans) == 3 and sum(len(u) + len(closed) for u, _, closed in spans) == len(batch.ids[r])
+        _check_user_chunks(policy, batch.messages[r], [u for u, _, _ in spans])
+        assert all(closed[-1] == policy.end_id for _, _, closed in spans)  # every turn is closed by it
+        forced += sum(reply[-1] != policy.end_id for _, reply, _ in spans)
+        # SFT's encoder, given the exact sampled ids, builds the very same sequence and learner mask.
+        ids, mask, _ = policy_lib.encode_conversation(policy, batch.messages[r], replies=[a for _, a, _ in spans])
+        assert ids == batch.ids[r] and mask == batch.sampled[r]
+    assert forced > 0  # some replies were cut at the token limit
+    with torch.no_grad():  # the ratio is exactly 1 before the first update
+        logp = policy_lib.token_logprobs(policy, batch.ids)
+        only = policy_lib.token_logprobs(policy, batch.ids, only=grpo.training_tensors(batch, [0, 1, 2])[1])
+    for r in range(3):
+        sampled = torch.tensor(batch.sampled[r][1:], dtype=torch.bool)
+        recorded = torch.tensor(batch.logprobs[r][1:])[sampled]
+        for got in (logp, only):
+            assert torch.allclose(got[r, :len(batch.ids[r]) - 1][sampled], recorded, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_awkward_replies_never_break_the_sequence(families, name):
+    """Empty replies, replies ending in whitespace (trimmed by Llama-3) and replies that contain template
+    text: the user chunks still match the template, and the SFT encoding is the rollout's."""
+    policy = families[name]
+    messages = []
+    for k, reply in enumerate(AWKWARD_REPLIES):
+        messages += [{"role": "user", "content": f"question {k}"}, {"role": "assistant", "content": reply}]
+    ids, mask, _ = policy_lib.encode_conversation(policy, messages)
+    spans = _turn_spans(policy, ids, mask)
+    assert [reply for _, reply, _ in spans] == [policy.reply_ids(r) for r in AWKWARD_REPLIES]
+    _check_user_chunks(policy, messages, [u for u, _, _ in spans])
+    if name == "qwen2":  # nothing trimmed or re-rendered: the whole sequence is the template's rendering
+        rendered = policy.render(messages)
+        assert policy.tokenizer.decode(ids) == rendered[:rendered.rindex(policy.end_text) + len(policy.end_text)]
+
+
+def test_thinking_is_off_unless_asked_for(families):
+    policy = families["qwen3"]
+    off = policy.tokenizer.decode(policy.user_turn_ids("hi", first=True))
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    thinking = policy_lib.Policy(policy.model, policy.tokenizer, "qwen3", thinking=True)
+    assert thinking.tokenizer.decode(thinking.user_turn_ids("hi", first=True)).endswith("<|im_start|>assistant\n")
+    assert families["qwen2"].template_options == {}  # no switch in the template: nothing is passed
+
+
+def test_final_logit_processing_is_applied_and_checked(families):
+    """Gemma-2 softcaps its logits and Cohere scales them: training log-probs must do the same."""
+    import transformers
+    tok = families["qwen2"].tokenizer
+    small = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, pad_token_id=tok.pad_token_id)
+    for config in (transformers.Gemma2Config(final_logit_softcapping=0.5, **small),
+                   transformers.CohereConfig(logit_scale=3.0, **small)):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        policy = policy_lib.Policy(model, tok, config.model_type)
+        policy_lib.check_logits(policy)  # the forward and Policy.logits agree
+        plain = lambda hidden: model.get_output_embeddings()(hidden)
+        policy.logits = plain
+        with pytest.raises(SystemExit, match="final logits"):
+            policy_lib.check_logits(policy)
+
+
+def test_bf16_compute_keeps_float32_master_weights_and_small_updates(families):
+    base = families["qwen2"]
+    policy = policy_lib.Policy(copy.deepcopy(base.model), base.tokenizer, "bf16", precision="bf16")
+    batch = _family_rollout(policy, seed=1)
+    rows = [0, 1, 2]
+    seqs, mask, logp_old = grpo.training_tensors(batch, rows)
+    with torch.no_grad():
+        logp = policy_lib.token_logprobs(policy, seqs, only=mask)
+    assert logp.dtype == torch.float32
+    assert (logp - logp_old)[mask.bool()].abs().max() < 0.1  # bf16: close to, not exactly, the sampling values
+    norms = {n: p.detach().clone() for n, p in policy.model.named_parameters() if "norm" in n}
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-5)
+    grpo.update(policy, None, optimizer, batch, rows, [1.0, -1.0, 0.5], _args(minibatches=1, beta=0.0, group_size=3))
+    assert all(p.dtype == torch.float32 for p in policy.model.parameters())
+    assert all(s.dtype == torch.float32 for st in optimizer.state.values() for s in st.values() if torch.is_tensor(s) and s.dim())
+    # Norm weights are 1.0, where bf16's spacing is 2^-7: a 1e-5 step would round away without master weights.
+    moved = [float((p - norms[n]).abs().max()) for n, p in policy.model.named_parameters() if n in norms]
+    assert min(moved) > 1e-6 and max(moved) < 1e-4
+
+
+def test_loss_weighs_every_token_of_the_step_equally_across_minibatches(tiny):
+    """Two minibatches of very different lengths: the mean of their losses is the step's token mean."""
+    learner = policy_lib.Policy(copy.deepcopy(tiny.model), tiny.tokenizer, "learner")
+    batch = _multi_turn(learner)
+    rows, advantages = [0, 1, 3], [1.0, -2.0, 0.0, 0.5]
+    tokens = [sum(batch.sampled[r][1:]) for r in rows]
+    assert max(tokens) > 1.5 * min(tokens)
+    optimizer = torch.optim.SGD(learner.model.parameters(), lr=0.0)  # the ratio stays 1: the loss is -A per token
+    logs = grpo.update(learner, None, optimizer, batch, rows, advantages,
+                       _args(minibatches=3, beta=0.0, group_size=1))
+    step_mean = -sum(advantages[r] * n for r, n in zip(rows, tokens)) / sum(tokens)
+    assert logs["loss"] == pytest.approx(step_mean, abs=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients(tiny):
+    batch, groups = _grouped_conversations(tiny)
+    seqs, mask, _ = grpo.training_tensors(batch, list(range(7)))
+    results = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(tiny.model).train()
+        if checkpointing:
+            policy_lib.checkpointing(model, enable=True)
+        policy = policy_lib.Policy(model, tiny.tokenizer, "ckpt")
+        logp = policy_lib.token_logprobs(policy, seqs, only=mask, groups=groups)
+        (logp * mask).sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, grads_a), (b, grads_b) = results
+    assert torch.allclose(a, b, atol=1e-5) and all(torch.allclose(x, y, atol=1e-5) for x, y in zip(grads_a, grads_b))
+
+
+def test_training_seeds_never_meet_evaluation_seeds_whatever_the_run_seed():
+    evaluation = {games.eval_seed(i) for i in range(20_000)}
+    for run_seed in range(4):
+        for mode in ("nested", "mixed"):
+            args = grpo.parse_args(["--seed", str(run_seed), "--mode", mode])
+            for step in range(30):
+                for name, seed in grpo.step_instances(args, step):
+                    g = grpo.make_game(name, "train", "random").reset(seed)
+                    played = {sub.seed for sub in getattr(g, "subgames", [g])} | {seed}
+                    assert not played & evaluation, (run_seed, step, name)
+    assert len({s for _, s in grpo.step_instances(grpo.parse_args(["--seed", "2"]), 0)}) == 4
