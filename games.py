@@ -210,9 +210,9 @@ MATRIX_TEMPLATES = {  # name -> render(A, B); the "test" ones are only seen on t
         "table": lambda A, B: "Payoffs (row player, column player):\n       " + "".join(
             f"col {j + 1:<5}" for j in range(len(A[0]))).rstrip() + "".join(
             f"\nrow {i + 1}: " + "".join(f"{f'{a},{b}':<9}" for a, b in zip(A[i], B[i])).rstrip() for i in range(len(A))),
-        "cells": lambda A, B: _each(A, B, "Row {i}, Column {j}: Player 1 gets {a}, Player 2 gets {b}."),
-        "story": lambda A, B: "Two rivals each pick a plan in secret.\n" + _each(
-            A, B, "Plans {i} and {j}: the first earns {a}, the second earns {b}."),
+        "cells": lambda A, B: "Payoffs (Player 1, Player 2) per cell:\n" + _each(A, B, "Row {i}, column {j}: {a}, {b}"),
+        "story": lambda A, B: "Two rivals each pick a plan in secret; what the first and the second earn:\n" + _each(
+            A, B, "plans {i} and {j}: {a} and {b}"),
         "arrays": lambda A, B: f"A = {A}\nB = {B}\nA: Player 1's payoffs, B: Player 2's; rows are Player 1's actions.",
         "csv": lambda A, B: "p1_action,p2_action,p1_payoff,p2_payoff\n" + _each(A, B, "{i},{j},{a},{b}"),
         "json": lambda A, B: "{" + _each(A, B, '"{i},{j}": [{a}, {b}]', ", ")
@@ -260,8 +260,12 @@ class MatrixGame(Game):
                 + self._instruction(seat))
 
     def _instruction(self, seat):
-        return (f"You are Player {self.role}. Choose your action and reply with {answer('number')}, one of:\n"
-                + " ".join(str(a + 1) for a in range(self.num_actions)))
+        return (f"You are Player {self.role}. Choose your action and reply with {answer('action k')}, one of:\n"
+                + " | ".join(self._action(a) for a in range(self.num_actions)))
+
+    @staticmethod
+    def _action(a: int) -> str:
+        return f"action {a + 1}"
 
     def _apply(self, seat, move):
         found = re.fullmatch(r"(?:action\s*)?(\d{1,3})\.?", move, re.IGNORECASE)
@@ -275,10 +279,10 @@ class MatrixGame(Game):
         self.to_move = None
 
     def scripted_reply(self, seat):
-        return answer(str(self.opponent_rng.choice(self.correct) + 1))
+        return answer(self._action(self.opponent_rng.choice(self.correct)))
 
     def legal_replies(self, seat):
-        return [answer(str(a + 1)) for a in range(self.num_actions)]
+        return [answer(self._action(a)) for a in range(self.num_actions)]
 
 
 # ------------------------------------------------------------------------------------------- TicTacToe
@@ -336,6 +340,7 @@ class TicTacToe(Game):
     def reset(self, seed):
         super().reset(seed)
         self.board = "." * 9
+        self.has_moved = [False, False]
         self.learner_seat = self.rng.randrange(2)
         self.marks = ("X", "O") if self.rng.random() < 0.5 else ("O", "X")
         self.to_move = self.rng.randrange(2)
@@ -359,11 +364,17 @@ class TicTacToe(Game):
         return "  1 2 3\n" + "\n".join(f"{r + 1} " + " ".join(self.board[3 * r:3 * r + 3]) for r in range(3))
 
     def _prompt(self, seat):
+        if self.has_moved[seat]:  # the conversation holds the rules: the board and the free cells only
+            return f"{self.render()}\n" + self._instruction(seat)
         return f"TicTacToe. You play {self.marks[seat]}; three in a row wins.\n{self.render()}\n" + self._instruction(seat)
 
     def _instruction(self, seat):
-        free = " ".join(f"({i // 3 + 1},{i % 3 + 1})" for i in self.legal_moves())
+        free = " ".join(self._cell(i) for i in self.legal_moves())
         return f"Reply with your move as {answer('(row,col)')}, one of the free cells:\n{free}"
+
+    @staticmethod
+    def _cell(i: int) -> str:
+        return f"({i // 3 + 1},{i % 3 + 1})"
 
     def _apply(self, seat, move):
         found = re.fullmatch(r"\(?\s*(\d)\s*,\s*(\d)\s*\)?", move)
@@ -372,13 +383,14 @@ class TicTacToe(Game):
         cell = (int(found.group(1)) - 1) * 3 + int(found.group(2)) - 1
         if self.board[cell] != ".":
             return f"cell ({found.group(1)},{found.group(2)}) is taken"
+        self.has_moved[seat] = True
         self._place(seat, cell)
 
     def _forfeit(self, seat):
         self.base[1 - seat], self.to_move = 1.0, None
 
     def _reply(self, cell):
-        return answer(f"({cell // 3 + 1},{cell % 3 + 1})")
+        return answer(self._cell(cell))
 
     def scripted_reply(self, seat):
         if self.opponent_rng.random() < self.random_prob:
@@ -474,8 +486,6 @@ WORD_PAIRS = _parse_lexicon(LEXICON_TEXT)
 SPY_PAIRS = {"train": [p for i, p in enumerate(WORD_PAIRS) if i % 5 != 4],   # every fifth pair is held out
              "test": [p for i, p in enumerate(WORD_PAIRS) if i % 5 == 4]}
 PAIR_OF = {w: p for p in WORD_PAIRS for w in p["words"]}
-ALL_ATTRIBUTES = sorted({a for p in WORD_PAIRS for w in p["words"] for a in p[w] + p["shared"]})
-DESCRIPTION_TEMPLATES = ["It has to do with {}.", "Think of {}.", "Something with {}.", "It makes me think of {}."]
 MAX_DESCRIPTION_WORDS = 12
 
 
@@ -494,9 +504,6 @@ def says_word(text: str, word: str) -> bool:
     return mentions(text, word) or mentions(text, word + "s") or mentions(text, word + "es")
 
 
-@functools.lru_cache(maxsize=None)
-def _attributes_without(word: str) -> list[str]:
-    return [a for a in ALL_ATTRIBUTES if not says_word(a, word)]
 
 
 class Spy(Game):
@@ -559,19 +566,23 @@ class Spy(Game):
     def _forfeit(self, seat):
         self._advance(seat)
 
-    def _transcript(self) -> str:
-        lines = []
-        for r, round_ in enumerate(self.descriptions):
-            said = [f"Player {s + 1}: {d}" for s, d in enumerate(round_) if d is not None]
-            if said:
-                lines.append(f"Round {r + 1}: " + " | ".join(said))
-        return "\n".join(lines)
+    def _said_since_last_turn(self, seat: int) -> list[str]:
+        """The descriptions given after this seat's previous turn (or since the start), in speaking order."""
+        order = [(r, s) for r in range(self.ROUNDS) for s in range(4)]
+        now = order.index((self.phase, seat)) if self.phase < self.ROUNDS else len(order)
+        before = order.index((self.phase - 1, seat)) + 1 if self.phase > 0 else 0
+        return [f"Player {s + 1}: {self.descriptions[r][s]}" for r, s in order[before:now]
+                if self.descriptions[r][s] is not None]
 
     def _prompt(self, seat):
-        head = (f"Who's the Spy. Four players: three share a word, the spy has a different one. "
-                f"You are Player {seat + 1}, and your word is {self.words[seat]} .\n")
-        said = self._transcript()
-        return head + ((said + "\n") if said else "") + self._instruction(seat)
+        """The rules and the seat's word in its first prompt; after that only what the others said since
+        its last turn: the conversation holds the rest."""
+        head = ""
+        if self.phase == 0:
+            head = (f"Who's the Spy. Four players: three share a word, the spy has a different one. "
+                    f"You are Player {seat + 1}, and your word is {self.words[seat]} .\n")
+        said = self._said_since_last_turn(seat)
+        return head + "".join(line + "\n" for line in said) + self._instruction(seat)
 
     def _instruction(self, seat):
         if self.phase < self.ROUNDS:
@@ -601,7 +612,7 @@ class Spy(Game):
             pool = pair["shared"] if think_spy else pair[self.words[seat]]
             used = {a for r in self.descriptions if r[seat] for a in pool if mentions(r[seat], a)}
             attribute = self.opponent_rng.choice([a for a in pool if a not in used] or pool)
-            return answer(self.opponent_rng.choice(DESCRIPTION_TEMPLATES).format(attribute))
+            return answer(attribute)  # a description is the attribute itself: the judge looks for nothing else
         # A likely spy believes the majority has the partner word: the least consistent with it is a civilian
         # who looks odd to the others; either way, vote for the lowest score under the believed majority word.
         key = (lambda s: -evidence[s]) if think_spy else (lambda s: evidence[s])
@@ -618,13 +629,23 @@ class Spy(Game):
         return [(seat + d) % 4 for d in (1, 2, 3)]
 
     def random_reply(self, seat):
+        """A random vote, or a description with a random attribute of the seat's word pair: shared, its own
+        word's or the partner's, uniformly, so one time in three it points at the other word. A pretrained
+        model knows what a word evokes; the tiny model learns only this from random play (warm start), and
+        which attributes are safe to say, and whom to vote for, is left to GRPO."""
         if self.phase < self.ROUNDS:
-            choices = _attributes_without(self.words[seat])
-            return answer(self.opponent_rng.choice(DESCRIPTION_TEMPLATES).format(self.opponent_rng.choice(choices)))
+            pair = PAIR_OF[self.words[seat]]
+            choices = pair["shared"] + [a for w in pair["words"] for a in pair[w]]
+            return answer(self.opponent_rng.choice(choices))
         return super().random_reply(seat)
 
 
 GAMES = {"matrix": MatrixGame, "tictactoe": TicTacToe, "spy": Spy}
+# Every choice a game lists at the end of a prompt (a cell, a vote, an action). Each is written the same in
+# the list and in the reply, so a tokenizer that makes each one token turns answering into copying one token
+# from the prompt's last line: the one skill that every game's valid replies need (see policy.py).
+CHOICES = ([TicTacToe._cell(i) for i in range(9)] + [f"Player {k}" for k in range(1, 5)]
+           + [MatrixGame._action(a) for a in range(6)])
 
 
 def game_names(text: str) -> list[str]:

@@ -176,18 +176,22 @@ def update(learner, reference, optimizer, batch, rows, advantages, args, step=0)
     learner_tokens = sum(sum(batch.sampled[r][1:]) for r in rows)
     normalizer = (learner_tokens if args.aggregation == "token" else len(rows)) / len(chunks)
     logs = {"loss": [], "kl": [], "clip_ratio": [], "entropy": [], "approx_kl": [], "grad_norm": []}
+    seconds = {"reference_s": 0.0, "policy_s": 0.0}  # where the update's time goes
     learner.model.train()
     for chunk in chunks:
         chunk = [int(r) for r in chunk]
         seqs, mask, logp_old = training_tensors(batch, chunk)
         mask, logp_old = mask.to(dev), logp_old.to(dev)
         groups = [group[r] for r in chunk]
-        logp, entropy = policy_lib.token_logprobs(learner, seqs, args.temperature, with_entropy=True, only=mask,
-                                                  groups=groups)
+        started = time.time()
         logp_ref = None
         if args.beta > 0:
             with torch.no_grad():
                 logp_ref = policy_lib.token_logprobs(reference, seqs, args.temperature, only=mask, groups=groups)
+        seconds["reference_s"] += time.time() - started
+        started = time.time()
+        logp, entropy = policy_lib.token_logprobs(learner, seqs, args.temperature, with_entropy=True, only=mask,
+                                                  groups=groups)
         adv = torch.tensor([advantages[r] for r in chunk], device=dev)
         loss, diag = grpo_loss(logp, logp_old, logp_ref, adv, mask, args.eps_low, args.eps_high, args.beta,
                                args.aggregation, normalizer)
@@ -195,6 +199,7 @@ def update(learner, reference, optimizer, batch, rows, advantages, args, step=0)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(learner.model.parameters(), 1.0)
         optimizer.step()
+        seconds["policy_s"] += time.time() - started
         n = mask.sum().clamp(min=1)
         log_ratio = (logp - logp_old).detach()
         for key, value in (("loss", loss), ("kl", (diag["kl"] * mask).sum() / n),
@@ -204,7 +209,7 @@ def update(learner, reference, optimizer, batch, rows, advantages, args, step=0)
                            ("grad_norm", grad_norm)):
             logs[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
     learner.model.eval()
-    return {k: float(np.mean(v)) for k, v in logs.items()}
+    return {**{k: float(np.mean(v)) for k, v in logs.items()}, **seconds}
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -225,8 +230,8 @@ def parse_args(argv=None):
                    help="other seats: random | expert | eps:P (TicTacToe's scripted player; Spy always uses "
                         "its scripted lexicon players), self (a frozen copy of the learner) or model:PATH")
     p.add_argument("--self-refresh", type=int, default=10, help="with --opponent self: refresh the copy every K steps")
-    p.add_argument("--steps", type=int, default=20, help="GRPO steps (20 keep the default run, warm start "
-                   "included, within 15 minutes on a 2-core CPU)")
+    p.add_argument("--steps", type=int, default=100, help="GRPO steps (100 keep the default run, install and "
+                   "warm start included, within 15 minutes on a 2-core CPU)")
     p.add_argument("--instances", type=int, default=4, help="B: game instances (seeds) per step")
     p.add_argument("--group-size", type=int, default=8, help="G: episodes per instance (at least 2)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
@@ -240,7 +245,7 @@ def parse_args(argv=None):
     p.add_argument("--top-groups", type=float, default=1.0, help="keep only this fraction of groups, by reward spread")
     p.add_argument("--max-new-tokens", type=int, default=24, help="cap on generated tokens per turn")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
-    p.add_argument("--eval-games", type=int, default=200, help="held-out games per game before and after (0: skip)")
+    p.add_argument("--eval-games", type=int, default=400, help="held-out games per game before and after (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="fixes the games, the sampling and the minibatch order (the tiny model's initial weights have their own fixed seed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -349,6 +354,7 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals) -> di
     rows = [b * args.group_size + k for b in range(args.instances) if keep[b] for k in range(args.group_size)]
     logs = update(learner, reference, optimizer, batch, rows, advantages.flatten().tolist(), args, step) if rows else {}
     lengths = [sum(batch.sampled[r]) for r in range(len(episodes))]
+    episode_tokens = float(np.mean([len(ids) for ids in batch.ids]))  # the learner's whole conversation
     turns = sum(m["role"] == "assistant" for msgs in batch.messages for m in msgs)
     totals["turns"] += turns
     totals["tokens"] += sum(lengths)
@@ -360,7 +366,7 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals) -> di
                 "step": step + 1, "game": g.name, "seed": g.seed, "reward": g.rewards[g.learner_seat]}}) + "\n")
     return {"step": step + 1, "reward": rewards.mean().item(), "reward_std": rewards.std(1, unbiased=False).mean().item(),
             "frac_reward_zero_std": (rewards.std(1) == 0).float().mean().item(),
-            "completion_length": float(np.mean(lengths)), **logs, **game_stats(episodes),
+            "completion_length": float(np.mean(lengths)), "episode_tokens": episode_tokens, **logs, **game_stats(episodes),
             "learner_turns": turns, "learner_tokens": int(sum(lengths)), "total_episodes": totals["episodes"],
             "total_learner_turns": totals["turns"], "total_learner_tokens": totals["tokens"],
             "tokens_per_s": batch.new_tokens / rollout_seconds, "rollout_s": rollout_seconds,

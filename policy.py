@@ -41,9 +41,9 @@ CACHE_DIR = Path(os.environ.get("GAME_GRPO_CACHE", Path(__file__).resolve().pare
 TINY_SPECIAL = ["<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 TINY_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-TINY_CONFIG = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+TINY_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True)
-TINY_VERSION = 10  # bump when anything that shapes the tiny model or its warm start changes
+TINY_VERSION = 11  # bump when anything that shapes the tiny model or its warm start changes
 
 
 # A fixed two-message history: what a chat template inserts for a new user message after an assistant turn
@@ -420,8 +420,10 @@ def shared_prefix_states(policy: Policy, seqs: list[list[int]], groups: list, wh
 
 # --------------------------------------------------------------------------------- loading models
 def build_tiny_tokenizer(corpus: list[str]):
-    """Byte-level BPE: any text round-trips. Whitespace is split off before merging, so a chunk such as
-    (1,3) or Player becomes the same token in a prompt as in a reply: copying a listed move is easy."""
+    """Byte-level BPE: any text round-trips. Every choice a game lists (games.CHOICES: a cell (1,3), a vote
+    Player 2, an action 3) is one token of its own, the same in the list as in the reply, so a valid reply
+    is a copy of one token from the prompt's last line. With numbers as plain digits, which fill payoff
+    tables too, a random-init model took far longer to learn to copy actions and votes than cells."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
@@ -431,7 +433,7 @@ def build_tiny_tokenizer(corpus: list[str]):
     trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=TINY_SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
-    tok.add_tokens([AddedToken(games.ANSWER_OPEN, normalized=False), AddedToken(games.ANSWER_CLOSE, normalized=False)])
+    tok.add_tokens([AddedToken(t, normalized=False) for t in [games.ANSWER_OPEN, games.ANSWER_CLOSE, *games.CHOICES]])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|pad|>")
     hf.chat_template = TINY_TEMPLATE
     return hf
@@ -602,23 +604,14 @@ def read_chats(path: Path) -> list[dict]:
     return [json.loads(line) for line in open(path) if line.strip()]
 
 
-def conversation_examples(policy: Policy, rows: list[dict], turn_examples: bool = False) -> list:
+def conversation_examples(policy: Policy, rows: list[dict]) -> list:
     """(ids, mask, branches) of every conversation, with branch targets where meta["choices"] lists the
-    legal replies; with `turn_examples`, also each later assistant turn on its own after its own prompt
-    only: short sequences, so many more learner turns per second of training."""
-    examples = []
-    for r in rows:
-        choices = r.get("meta", {}).get("choices")
-        examples.append(encode_conversation(policy, r["messages"], choices))
-        if turn_examples:
-            turns = [i for i, m in enumerate(r["messages"]) if m["role"] == "assistant"]
-            examples += [encode_conversation(policy, r["messages"][i - 1:i + 1], choices and [choices[k]])
-                         for k, i in enumerate(turns) if i > 1]
-    return examples
+    legal replies."""
+    return [encode_conversation(policy, r["messages"], r.get("meta", {}).get("choices")) for r in rows]
 
 
 def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4) -> list:
-    """Single-turn examples (with branch targets) of the learner turns with at most `max_choices` legal
+    """Single-turn examples (ids, mask, branches, number of legal replies) of the learner turns with at most `max_choices` legal
     replies (meta["choices"]). Why: with most of the 9 cells free, copying a listed cell gains little over
     guessing any cell, and a random-init model trained on whole games never starts to copy (its mass on
     legal cells stays at the free fraction, ~0.7); with 1-4 cells left the gain is large, and a few hundred
@@ -628,7 +621,7 @@ def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4) -> li
         turns = [i for i, m in enumerate(r["messages"]) if m["role"] == "assistant"]
         for i, legal in zip(turns, r.get("meta", {}).get("choices") or [None] * len(turns)):
             if legal and len(legal) <= max_choices:
-                examples.append(encode_conversation(policy, r["messages"][i - 1:i + 1], [legal]))
+                examples.append((*encode_conversation(policy, r["messages"][i - 1:i + 1], [legal]), len(legal)))
     return examples
 
 
@@ -639,12 +632,19 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
     shares where there are some.
     The rate warms up over 20 steps, then stays, then falls linearly to 0 over the last `decay` fraction of
     the steps. Returns the loss per step."""
-    # Batches of similar length waste little on padding; their order is shuffled every epoch.
-    by_length = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-    batches = [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
-    rng = random.Random(seed)
-    plan = [b for _ in range(math.ceil(epochs)) for b in rng.sample(batches, len(batches))]
-    steps = max(1, int(len(batches) * epochs))
+    # Every epoch: shuffle, then sort each run of 8 batches' worth by length and cut it into batches. Similar
+    # lengths waste little on padding, and each batch still mixes games: batches sorted over the whole set
+    # held one kind of example each (all Matrix drills, all nested episodes), and the model was pulled from
+    # game to game step by step.
+    rng, plan = random.Random(seed), []
+    for _ in range(math.ceil(epochs)):
+        order = rng.sample(range(len(examples)), len(examples))
+        batches = []
+        for start in range(0, len(order), 8 * batch_size):
+            run = sorted(order[start:start + 8 * batch_size], key=lambda i: len(examples[i][0]))
+            batches += [run[i:i + batch_size] for i in range(0, len(run), batch_size)]
+        plan += rng.sample(batches, len(batches))
+    steps = max(1, int(len(plan) / math.ceil(epochs) * epochs))
     model = policy.model.train()
     # beta2 = 0.95 and a constant rate after warm-up (until the decay): a random-init model learns to copy
     # from its prompt (a legal move from the list of free cells) several times sooner than with the defaults.
@@ -654,10 +654,10 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
     losses = []
     for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
         batch = [examples[i] for i in plan[step]]
-        mask = torch.zeros(len(batch), max(len(ids) for ids, _, _ in batch) - 1)
-        for i, (_, m, _) in enumerate(batch):
+        mask = torch.zeros(len(batch), max(len(e[0]) for e in batch) - 1)
+        for i, (_, m, *_) in enumerate(batch):
             mask[i, :len(m) - 1] = torch.tensor(m[1:], dtype=mask.dtype)
-        logp_all, targets, _ = next_token_logprobs(policy, [ids for ids, _, _ in batch], only=mask)
+        logp_all, targets, _ = next_token_logprobs(policy, [e[0] for e in batch], only=mask)
         target = torch.zeros_like(logp_all).scatter_(1, targets[:, None], 1.0)
         branched = [(row, token, share) for row, (r, t) in enumerate(mask.nonzero().tolist())  # row-major, as logp_all
                     for token, share in batch[r][2].get(t + 1, {}).items()]
@@ -677,29 +677,23 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
     return losses
 
 
-# copy_games: extra random games whose few-choice turns make the drills; copy_steps: SFT steps on one game's
-# drills alone (turns with at most copy_choices legal replies), game by game; drill_mix: drills (turns with at
-# most mix_choices legal replies) added to the transcript phase per transcript example, split by mix_shares;
-# decay: the last fraction of the transcript phase, over which the learning rate falls linearly to 0;
-# polish_*: phase 3, polish_per_game drills and as many transcript examples of each game, at polish_lr;
-# n_nested: nested episodes (all games in one conversation, see nested.py) among the transcripts. 150 of them
-# made the warm start valid in nested episodes, but the default GRPO run from it gained nothing greedily and
-# ended with more invalid replies (README, "The model and the warm start"), so the default has none.
-WARM_START = dict(n_per_game=600, n_nested=0, copy_games=1500, copy_steps={"tictactoe": 300}, copy_choices=4,
-                  mix_choices=6, mix_shares={"matrix": 1 / 3, "tictactoe": 1 / 3, "spy": 1 / 3}, epochs=2.0,
-                  drill_mix=0.5, batch_size=32, lr=1e-3, decay=0.5,
-                  polish_per_game=300, polish_epochs=2.0, polish_lr=3e-4)
+# The warm start's recipe. transcripts: random-legal games of each game, and half as many nested episodes of
+# all of them (a random order each); drill_games: more random games, whose turns with at most drill_choices
+# legal replies make the drills; drill_steps: SFT steps on TicTacToe drills alone; epochs over the
+# transcripts (with drills mixed in, half the transcripts' number), the rate falling linearly to 0 over
+# their second half.
+WARM_START = dict(transcripts=500, nested=125, drill_games=1500, drill_choices=4, mix_choices=6, drill_steps=900,
+                  epochs=2.0, batch_size=32, lr=1e-3)
 
 
 def warm_start(seed: int = 0, **overrides) -> Path:
     """The tiny model after SFT on random-legal play; built once, cached under .cache/ and reused.
-    Phase 1: TicTacToe drills alone, until the model copies a listed cell (see drill_examples).
-    Phase 2: whole transcripts of all games, with drills of every game mixed in so that copying is kept
-    and the model learns which list each game's answer comes from; the rate decays to 0 at the end.
-    Phase 3: a short polish at a lower rate on drills and turns of every game, as many of each.
-    With n_nested, nested episodes among the transcripts teach it to play a game after others in one
-    conversation: trained on single games only, it makes 2.6 invalid TicTacToe replies per
-    matrix>tictactoe>spy episode (0.09 with 150 nested episodes).
+    1. Drills: TicTacToe turns with few free cells, until the model copies a cell from the list its prompt
+       ends with. Why first: with most of the 9 cells free, copying a listed cell gains little over guessing
+       any cell, and a random-init model trained on whole games alone never starts to copy.
+    2. Transcripts: whole games, alone and nested in one conversation (a game after others, as GRPO's
+       nested episodes play them), with as many drills of each game mixed in (a cell, an action, a vote
+       among few), so that one skill, copying from the last line, serves every game.
     Wherever the legal replies are known, the targets are their shares (branch_targets), not one draw."""
     settings = {**WARM_START, **overrides}
     key = hashlib.sha1(json.dumps([TINY_VERSION, TINY_CONFIG, settings, seed], sort_keys=True).encode()).hexdigest()[:10]
@@ -710,34 +704,20 @@ def warm_start(seed: int = 0, **overrides) -> Path:
     start = time.time()
     base = build_tiny(CACHE_DIR / f"tiny-base-{key}", seed)
     policy = load_policy(str(base), device="cpu")
-    rows = read_chats(random_transcripts(CACHE_DIR / f"warmstart-{key}.jsonl", settings["n_per_game"], seed,
-                                         settings["n_nested"]))
-    drill_rows = read_chats(random_transcripts(CACHE_DIR / f"drills-{key}.jsonl", settings["copy_games"], seed + 1))
-    batch, lr, losses = settings["batch_size"], settings["lr"], []
-    for name, steps in settings["copy_steps"].items():
-        copying = drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name], settings["copy_choices"])
-        losses += sft(policy, copying, steps * batch / len(copying), batch, lr, seed, desc=f"warm start 1/3: {name} drills")
-    # A nested episode's turns on their own would repeat the single games' turn examples: whole episodes only.
-    single = [r for r in rows if ">" not in r["meta"]["game"]]
-    nested = [r for r in rows if ">" in r["meta"]["game"]]
-    chats = {name: conversation_examples(policy, [r for r in single if r["meta"]["game"] == name], turn_examples=True)
-             for name in games.GAMES}
+    rows = read_chats(random_transcripts(CACHE_DIR / f"warmstart-{key}.jsonl", settings["transcripts"], seed,
+                                         settings["nested"]))
+    drill_rows = read_chats(random_transcripts(CACHE_DIR / f"drills-{key}.jsonl", settings["drill_games"], seed + 1))
+    rng, batch, lr = random.Random(seed), settings["batch_size"], settings["lr"]
     drills = {name: drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name], settings["mix_choices"])
               for name in games.GAMES}
-    examples = [e for name in games.GAMES for e in chats[name]] + conversation_examples(policy, nested)
-    n_drills = len(examples) * settings["drill_mix"]
-    for name, share in settings["mix_shares"].items():
-        examples += random.Random(seed).sample(drills[name], min(int(n_drills * share), len(drills[name])))
-    losses += sft(policy, examples, settings["epochs"], batch, lr, seed, settings["decay"], desc="warm start 2/3: transcripts")
-    # Phase 3: after phase 2 the model still votes for itself in ~11% of its votes (Spy 94% valid). A short
-    # pass at a lower rate over drills and as many transcript examples of each game brings Spy to 98%; the
-    # transcripts keep the descriptions (drills alone left a fifth of the Spy replies without an <answer>).
-    polish, rng = [], random.Random(seed)
-    for name in games.GAMES:
-        for pool in (drills[name], chats[name]):
-            polish += rng.sample(pool, min(settings["polish_per_game"], len(pool)))
-    if polish:
-        losses += sft(policy, polish, settings["polish_epochs"], batch, settings["polish_lr"], seed, desc="warm start 3/3: polish")
+    few = {name: [e for e in d if e[3] <= settings["drill_choices"]] for name, d in drills.items()}
+    copying = [e for d in few.values() for e in rng.sample(d, min(len(x) for x in few.values()))]  # as many of each
+    losses = sft(policy, copying, settings["drill_steps"] * batch / len(copying), batch, lr, seed,
+                 desc="warm start 1/2: drills")
+    examples = conversation_examples(policy, rows)
+    per_game = min(len(examples) // 6, *(len(d) for d in drills.values()))  # as many of each game
+    examples += [e for d in drills.values() for e in rng.sample(d, per_game)]
+    losses += sft(policy, examples, settings["epochs"], batch, lr, seed, decay=0.5, desc="warm start 2/2: transcripts")
     save_atomic(policy.model, policy.tokenizer, path)
     shutil.rmtree(base, ignore_errors=True)
     print(f"warm start: {len(losses)} SFT steps, final loss {sum(losses[-20:]) / len(losses[-20:]):.3f}, "
