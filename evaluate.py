@@ -63,11 +63,12 @@ def score(policy, names, n: int, split: str = "train", opponent: str = "random",
 
 
 def before_after_table(before: dict | None, after: dict) -> str:
-    lines = ["| game | before: win | after: win | after: draw | after: invalid replies |", "|---|---|---|---|---|"]
+    lines = ["| game | before: win [95% CI] | after: win [95% CI] | after: draw | after: invalid replies |",
+             "|---|---|---|---|---|"]
+    with_ci = lambda row: f"{row['win']:.1%} [{row['win_ci'][0]:.1%}, {row['win_ci'][1]:.1%}]"
     for name, row in after.items():
-        old = f"{before[name]['win']:.1%}" if before else "-"
-        lo, hi = row["win_ci"]
-        lines.append(f"| {name} | {old} | {row['win']:.1%} [{lo:.1%}, {hi:.1%}] | {row['draw']:.1%} | {row['invalid']:.1%} |")
+        old = with_ci(before[name]) if before else "-"
+        lines.append(f"| {name} | {old} | {with_ci(row)} | {row['draw']:.1%} | {row['invalid']:.1%} |")
     return "\n".join(lines)
 
 
@@ -97,6 +98,13 @@ def baseline_rows(n: int) -> list[tuple[str, str, dict[str, float]]]:
             play(g, [spy if s == g.spy else civilians for s in range(4)])
             outcomes.append(g.outcome((g.spy + 1) % 4))
         rows.append(("spy", f"{civilians} civilians vs {spy} spy", outcome_rates(outcomes)))
+    for who in ("random", "scripted"):  # the learner's view: a random seat among scripted players
+        outcomes = []
+        for i in range(n):
+            g = make("spy").reset(i)
+            play(g, [who if s == g.learner_seat else "scripted" for s in range(4)])
+            outcomes.append(g.outcome(g.learner_seat))
+        rows.append(("spy", f"{who} seat among scripted", outcome_rates(outcomes)))
     return rows
 
 

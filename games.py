@@ -12,6 +12,9 @@ the final reward and the seat tries again (the next prompt says why); after `max
 a row for one move the seat forfeits, which counts as a loss (reward 0 before penalties). The state did
 not change, and a seat plays as one conversation, so the retry prompt is only the reason and the answer
 instruction, not the whole state again (a 6x6 payoff table each try would triple a Matrix conversation).
+For the same reason a seat's later prompts say what changed since its last turn (TicTacToe: the board and
+the free cells; Spy: the descriptions given since), not the rules and its word again.
+Every prompt that asks for a choice ends with the list of them (games.CHOICES), written as in the reply.
 
 Every seat can be played without a language model: `game.scripted_reply(seat)` is the game's scripted
 opponent (the expert answer for Matrix, random/expert/eps:P for TicTacToe, the lexicon player for Spy) and

@@ -5,14 +5,15 @@ multi-turn generation that keeps each conversation's KV cache; exact token log-p
     python policy.py sft --model PATH --data transcripts.jsonl --out DIR   # SFT on any transcript file
     python policy.py bench --model tiny     # generation throughput at batch sizes 1, 8 and 64
 
-The tiny model is a Llama-style `transformers` model of a few million parameters with a byte-level BPE
+The tiny model is a Llama-style `transformers` model of 1.4 M parameters with a byte-level BPE
 tokenizer trained (with `tokenizers`) on game text. It starts random, so it is warm-started by SFT on
 transcripts of random-legal play: it learns the format and the rules, not the strategy.
 
-Training sequences are built from the exact token ids: each user turn is tokenized once as a chunk (the
-chat template's text between the previous assistant reply and the next one), each assistant turn is the
-sampled ids themselves. With logits divided by the sampling temperature T, log pi(token) at training time
-equals the log-prob recorded while sampling, so the GRPO ratio starts at exactly 1.
+Training sequences are built from the exact token ids: each user turn is the chunk the model's own chat
+template inserts for it (read off the template after a fixed reference history, Policy.user_turn_ids), each
+assistant turn the sampled ids themselves, closed by the template's end-of-turn token. With logits divided by
+the sampling temperature T, log pi(token) at training time equals the log-prob recorded while sampling, so
+the GRPO ratio starts at exactly 1.
 """
 from __future__ import annotations
 
@@ -611,11 +612,10 @@ def conversation_examples(policy: Policy, rows: list[dict]) -> list:
 
 
 def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4) -> list:
-    """Single-turn examples (ids, mask, branches, number of legal replies) of the learner turns with at most `max_choices` legal
-    replies (meta["choices"]). Why: with most of the 9 cells free, copying a listed cell gains little over
-    guessing any cell, and a random-init model trained on whole games never starts to copy (its mass on
-    legal cells stays at the free fraction, ~0.7); with 1-4 cells left the gain is large, and a few hundred
-    steps on such TicTacToe positions alone teach it to copy from the list in its prompt."""
+    """Single-turn examples (ids, mask, branches, number of legal replies) of the learner turns with at most
+    `max_choices` legal replies (meta["choices"]). Why: with most of the 9 cells free, copying a listed cell
+    gains little over guessing any cell, and a random-init model trained on whole games never starts to copy
+    (its mass on legal cells stays at the free fraction, ~0.7); with 1-4 choices left the gain is large."""
     examples = []
     for r in rows:
         turns = [i for i, m in enumerate(r["messages"]) if m["role"] == "assistant"]
@@ -677,23 +677,23 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
     return losses
 
 
-# The warm start's recipe. transcripts: random-legal games of each game, and half as many nested episodes of
-# all of them (a random order each); drill_games: more random games, whose turns with at most drill_choices
-# legal replies make the drills; drill_steps: SFT steps on TicTacToe drills alone; epochs over the
-# transcripts (with drills mixed in, half the transcripts' number), the rate falling linearly to 0 over
-# their second half.
+# The warm start's recipe. transcripts: random-legal games of each game; nested: nested episodes of all the
+# games (a random order each); drill_games: more random games of each game, whose turns with at most
+# mix_choices legal replies make the drills. Phase 1: drill_steps steps on the drills with at most
+# drill_choices, as many of each game. Phase 2: `epochs` passes over the transcripts with drills mixed in (half
+# the transcripts' number, as many of each game), the rate falling linearly to 0 over the second half.
 WARM_START = dict(transcripts=500, nested=125, drill_games=1500, drill_choices=4, mix_choices=6, drill_steps=900,
                   epochs=2.0, batch_size=32, lr=1e-3)
 
 
 def warm_start(seed: int = 0, **overrides) -> Path:
     """The tiny model after SFT on random-legal play; built once, cached under .cache/ and reused.
-    1. Drills: TicTacToe turns with few free cells, until the model copies a cell from the list its prompt
-       ends with. Why first: with most of the 9 cells free, copying a listed cell gains little over guessing
-       any cell, and a random-init model trained on whole games alone never starts to copy.
+    1. Drills: single turns with few legal replies (a cell among the last free ones, an action, a vote), as
+       many of each game, until the model copies a reply from the list its prompt ends with. Why first:
+       with most of the 9 cells free, copying a listed cell gains little over guessing any cell, and a
+       random-init model trained on whole games alone never starts to copy.
     2. Transcripts: whole games, alone and nested in one conversation (a game after others, as GRPO's
-       nested episodes play them), with as many drills of each game mixed in (a cell, an action, a vote
-       among few), so that one skill, copying from the last line, serves every game.
+       nested episodes play them), with drills mixed in so that copying is kept.
     Wherever the legal replies are known, the targets are their shares (branch_targets), not one draw."""
     settings = {**WARM_START, **overrides}
     key = hashlib.sha1(json.dumps([TINY_VERSION, TINY_CONFIG, settings, seed], sort_keys=True).encode()).hexdigest()[:10]

@@ -1085,7 +1085,7 @@ def test_bf16_compute_keeps_float32_master_weights_and_small_updates(families):
     assert all(p.dtype == torch.float32 for p in policy.model.parameters())
     assert all(s.dtype == torch.float32 for st in optimizer.state.values() for s in st.values() if torch.is_tensor(s) and s.dim())
     # Norm weights are 1.0, where bf16's spacing is 2^-7: a 1e-5 step would round away without master weights.
-    moved = [float((p - norms[n]).abs().max()) for n, p in policy.model.named_parameters() if n in norms]
+    moved = [float((p.detach() - norms[n]).abs().max()) for n, p in policy.model.named_parameters() if n in norms]
     assert min(moved) > 1e-6 and max(moved) < 1e-4
 
 
