@@ -22,6 +22,7 @@ import torch
 
 from games import eval_seed, game_names, make, play
 
+
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval of a binomial proportion."""
     if n == 0:

@@ -308,7 +308,7 @@ class ChatBatch:
                 if token in self.policy.stop_ids or step == max_new_tokens - 1:
                     # The turn is over; an end-of-turn token the model did not choose is appended untrained.
                     # The cache sees these tokens with the next turn.
-                    closed, trained = self.policy.close_reply(replies[r])
+                    closed, _ = self.policy.close_reply(replies[r])
                     self.pending[r] = closed[len(replies[r]) - 1:]
                     self._append(r, closed[len(replies[r]):])
                 else:
@@ -573,8 +573,11 @@ def encode_conversation(policy: Policy, messages: list[dict], choices: list | No
     for m in messages:
         if m["role"] == "assistant":
             given = next(sampled, None)
-            chunk, trained = policy.close_reply(given) if given is not None else (policy.reply_ids(m["content"]), None)
-            trained = trained or [1] * len(chunk)
+            if given is not None:
+                chunk, trained = policy.close_reply(given)
+            else:
+                chunk = policy.reply_ids(m["content"])
+                trained = [1] * len(chunk)
             legal = next(legal_lists, None)
             if legal:
                 for t, share in branch_targets(chunk, [policy.reply_ids(r) for r in legal]).items():
