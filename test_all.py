@@ -183,6 +183,34 @@ def test_retry_prompt_is_the_reason_and_the_instruction_not_the_whole_state_agai
         g.step(seat, g.random_reply(seat))
 
 
+def test_later_prompts_say_what_changed_since_the_seats_last_turn():
+    g = games.make("spy").reset(4)
+    said, prompts = [], {s: [] for s in range(4)}
+    while not g.done:
+        seat = g.to_move
+        prompts[seat].append(g.prompt(seat))
+        reply = games.answer(f"thing {len(said)}") if g.phase < 2 else g.scripted_reply(seat)
+        if g.phase < 2:
+            said.append((seat, f"thing {len(said)}"))
+        assert g.step(seat, reply)
+    for seat, (first, second, vote) in prompts.items():
+        assert f"your word is {g.words[seat]} " in first and g.words[seat] not in second + vote
+        # Exactly the descriptions given since this seat's last turn, in speaking order.
+        before_first = [f"Player {s + 1}: {d}" for s, d in said[:seat]]
+        between = [f"Player {s + 1}: {d}" for s, d in said[seat + 1:4 + seat]]
+        after_second = [f"Player {s + 1}: {d}" for s, d in said[5 + seat:]]
+        for prompt, lines in ((first, before_first), (second, between), (vote, after_second)):
+            assert [line for line in prompt.split("\n") if line.startswith("Player ") and ": " in line] == lines
+    g = games.make("tictactoe").reset(2)
+    seen = []
+    while not g.done:
+        if g.to_move == g.learner_seat:
+            seen.append(g.prompt(g.to_move))
+        g.step(g.to_move, g.random_reply(g.to_move))
+    assert seen[0].startswith("TicTacToe. You play") and len(seen) > 2
+    assert all(p.startswith("  1 2 3\n") and g.render().count(".") < p.count(".") for p in seen[1:])
+
+
 @pytest.mark.parametrize("expert_mark,expert_first", [("X", True), ("O", False), ("X", False), ("O", True)])
 def test_tictactoe_expert_never_loses_against_any_sequence(expert_mark, expert_first):
     """Exhaustive search: every legal move of the other side, every move the expert may choose."""
