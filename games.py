@@ -513,6 +513,7 @@ class Spy(Game):
     """Who's the Spy: 4 seats, 3 civilians share a word, the spy has its partner. Two rounds, one vote."""
     name, num_seats = "spy", 4
     ROUNDS = 2
+    TURNS = [(phase, s) for phase in range(ROUNDS + 1) for s in range(4)]  # speaking order; phase ROUNDS votes
 
     def reset(self, seed):
         super().reset(seed)
@@ -531,9 +532,8 @@ class Spy(Game):
 
     def _advance(self, seat):
         """Next seat in order that has not forfeited; after the last vote, count the votes."""
-        order = [(p, s) for p in range(self.ROUNDS + 1) for s in range(4)]
-        position = order.index((self.phase, seat))
-        for phase, s in order[position + 1:]:
+        position = self.TURNS.index((self.phase, seat))
+        for phase, s in self.TURNS[position + 1:]:
             if not self.forfeited[s]:
                 self.phase, self.to_move = phase, s
                 return
@@ -571,11 +571,10 @@ class Spy(Game):
 
     def _said_since_last_turn(self, seat: int) -> list[str]:
         """The descriptions given after this seat's previous turn (or since the start), in speaking order."""
-        order = [(r, s) for r in range(self.ROUNDS) for s in range(4)]
-        now = order.index((self.phase, seat)) if self.phase < self.ROUNDS else len(order)
-        before = order.index((self.phase - 1, seat)) + 1 if self.phase > 0 else 0
-        return [f"Player {s + 1}: {self.descriptions[r][s]}" for r, s in order[before:now]
-                if self.descriptions[r][s] is not None]
+        now = self.TURNS.index((self.phase, seat))
+        before = self.TURNS.index((self.phase - 1, seat)) + 1 if self.phase > 0 else 0
+        return [f"{self._player(s)}: {self.descriptions[r][s]}" for r, s in self.TURNS[before:now]
+                if r < self.ROUNDS and self.descriptions[r][s] is not None]
 
     def _prompt(self, seat):
         """The rules and the seat's word in its first prompt; after that only what the others said since
@@ -590,7 +589,7 @@ class Spy(Game):
     def _instruction(self, seat):
         if self.phase < self.ROUNDS:
             return f"Describe your word in a few words without saying it. Reply {answer('description')}."
-        others = " | ".join(f"Player {s + 1}" for s in self._vote_order(seat))
+        others = " | ".join(self._player(s) for s in self._vote_order(seat))
         return f"Vote for the spy (not yourself). Reply {answer('Player k')}, one of:\n{others}"
 
     def _evidence(self, seat: int, about: list[int]) -> dict[int, int]:
@@ -620,10 +619,14 @@ class Spy(Game):
         # who looks odd to the others; either way, vote for the lowest score under the believed majority word.
         key = (lambda s: -evidence[s]) if think_spy else (lambda s: evidence[s])
         lowest = min(key(s) for s in others)
-        return answer(f"Player {self.opponent_rng.choice([s for s in others if key(s) == lowest]) + 1}")
+        return answer(self._player(self.opponent_rng.choice([s for s in others if key(s) == lowest])))
 
     def legal_replies(self, seat):
-        return None if self.phase < self.ROUNDS else [answer(f"Player {s + 1}") for s in self._vote_order(seat)]
+        return None if self.phase < self.ROUNDS else [answer(self._player(s)) for s in self._vote_order(seat)]
+
+    @staticmethod
+    def _player(seat: int) -> str:
+        return f"Player {seat + 1}"
 
     @staticmethod
     def _vote_order(seat: int) -> list[int]:
@@ -647,7 +650,7 @@ GAMES = {"matrix": MatrixGame, "tictactoe": TicTacToe, "spy": Spy}
 # Every choice a game lists at the end of a prompt (a cell, a vote, an action). Each is written the same in
 # the list and in the reply, so a tokenizer that makes each one token turns answering into copying one token
 # from the prompt's last line: the one skill that every game's valid replies need (see policy.py).
-CHOICES = ([TicTacToe._cell(i) for i in range(9)] + [f"Player {k}" for k in range(1, 5)]
+CHOICES = ([TicTacToe._cell(i) for i in range(9)] + [Spy._player(s) for s in range(4)]
            + [MatrixGame._action(a) for a in range(6)])
 
 
