@@ -2,25 +2,33 @@
 
     python evaluate.py --model tiny --games matrix,tictactoe,spy          # one model, every fixed opponent
     python evaluate.py --model runs/A/checkpoint,runs/B/checkpoint --split test   # side by side
-    python evaluate.py --plot runs/NAME                 # learning curves (PNG with matplotlib, else text)
+    python evaluate.py --compare runs/compare/*-seed*    # runs by arm: mean and spread over seeds, both splits
+    python evaluate.py --plot runs/NAME [runs/OTHER ...]   # learning curves (PNG with matplotlib, and text)
     python evaluate.py --model tiny --benchmark questions.jsonl   # multiple-choice log-likelihood score
     python evaluate.py --baselines 1000                 # random and scripted play, N seeded games each
+    python evaluate.py --bench --model tiny             # generation throughput at batch sizes 1, 8 and 64
 
 Matrix: a "win" is a correct answer under SPEC.md's equilibrium rule. TicTacToe: the learner's seat against
 the random and the expert player. Spy: the learner's side among scripted (lexicon) players, also split by
-the learner's role. Games are batched like the training rollouts. Results also go to a JSON file.
+the learner's role. Games are played in batches by the training rollout (policy.play). Results also go to
+a JSON file.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from games import eval_seed, game_names, make, play
+from games import GAMES, eval_seed, game_names, make, play_scripted
+from nested import make_game
+from policy import ChatBatch, Policy, load_policy, play, token_logprobs
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -33,34 +41,42 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def play_games(policy, name: str, indices, split: str = "train", opponent: str = "random", temperature: float = 0.0,
+               max_new_tokens: int = 24, batch_size: int = 64) -> list[dict]:
+    """Play evaluation games `indices` (seeds games.eval_seed(i), which no training run uses) of one game with
+    `policy` in the learner seat and scripted opponents (TicTacToe's: `opponent`); what each game came to."""
+    episodes = [make_game(name, split, opponent).reset(eval_seed(i)) for i in indices]
+    turns = {}
+    # Similar prompt lengths share a batch, so little compute goes to padding.
+    ordered = sorted(episodes, key=lambda g: len(g.prompt(g.to_move)))
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start:start + batch_size]
+        batch = play(policy, chunk, [g.seed for g in chunk], temperature, max_new_tokens)
+        for g, messages in zip(chunk, batch.messages):
+            turns[g.seed] = sum(m["role"] == "assistant" for m in messages)
+    return [{"outcome": g.outcome(g.learner_seat), "invalid": g.invalid[g.learner_seat], "turns": turns[g.seed],
+             "role": getattr(g, "roles", [None] * g.num_seats)[g.learner_seat]} for g in episodes]
+
+
+def summarize(name: str, played: list[dict]) -> dict:
+    """Win / draw / loss rates and invalid replies per turn, with 95% intervals (Spy: wins by role too)."""
+    n, turns, invalid = len(played), sum(p["turns"] for p in played), sum(p["invalid"] for p in played)
+    row = {"n": n, "turns": turns, "invalid": invalid / max(1, turns), "invalid_ci": wilson(invalid, turns)}
+    for k in ("win", "draw", "loss"):
+        count = sum(p["outcome"] == k for p in played)
+        row[k], row[f"{k}_ci"] = count / max(1, n), wilson(count, n)
+    if name == "spy":
+        for role in ("civilian", "spy"):
+            mine = [p for p in played if p["role"] == role]
+            row[f"win_as_{role}"] = sum(p["outcome"] == "win" for p in mine) / max(1, len(mine))
+    return row
+
+
 def score(policy, names, n: int, split: str = "train", opponent: str = "random", temperature: float = 0.0,
           max_new_tokens: int = 24, batch_size: int = 64, first: int = 0) -> dict[str, dict]:
-    """Play n seeded games of each game with `policy` in the learner seat (scripted opponents; for
-    TicTacToe the scripted `opponent`, or random when training used an LLM opponent): evaluation games
-    first .. first + n - 1, whose seeds no training run uses (games.eval_seed)."""
-    from grpo import is_llm_opponent, make_game, rollout
-    opponent = "random" if is_llm_opponent(opponent) else opponent
-    results = {}
-    for name in names:
-        episodes = [make_game(name, split, opponent).reset(eval_seed(first + i)) for i in range(n)]
-        turns = 0
-        # Similar prompt lengths share a batch, so little compute goes to padding.
-        ordered = sorted(episodes, key=lambda g: len(g.prompt(g.to_move)))
-        for start in range(0, n, batch_size):
-            chunk = ordered[start:start + batch_size]
-            batch = rollout(policy, chunk, temperature, max_new_tokens, seed=eval_seed(first + start))
-            turns += sum(m["role"] == "assistant" for msgs in batch.messages for m in msgs)
-        outcomes = [g.outcome(g.learner_seat) for g in episodes]
-        invalid = sum(g.invalid[g.learner_seat] for g in episodes)
-        row = {"n": n, "turns": turns, "invalid": invalid / max(1, turns), "invalid_ci": wilson(invalid, turns)}
-        for k in ("win", "draw", "loss"):
-            row[k], row[f"{k}_ci"] = outcomes.count(k) / n, wilson(outcomes.count(k), n)
-        if name == "spy":
-            for role in ("civilian", "spy"):
-                mine = [g for g in episodes if g.roles[g.learner_seat] == role]
-                row[f"win_as_{role}"] = sum(g.outcome(g.learner_seat) == "win" for g in mine) / max(1, len(mine))
-        results[name] = row
-    return results
+    """Evaluation games first .. first + n - 1 of each game: {game: summarize(...)}."""
+    return {name: summarize(name, play_games(policy, name, range(first, first + n), split, opponent, temperature,
+                                             max_new_tokens, batch_size)) for name in names}
 
 
 def before_after_table(before: dict | None, after: dict) -> str:
@@ -78,32 +94,32 @@ def outcome_rates(outcomes: list[str]) -> dict[str, float]:
 
 
 def baseline_rows(n: int) -> list[tuple[str, str, dict[str, float]]]:
-    """(game, setting, rates) over seeds 0..n-1 for random and scripted play."""
+    """(game, setting, rates) over evaluation games 0..n-1 for random and scripted play."""
     rows = []
     for who in ("random", "scripted"):
         rows.append(("matrix", f"{who} answer", outcome_rates(
-            [play(make("matrix").reset(i), [who]).outcome(0) for i in range(n)])))
+            [play_scripted(make("matrix").reset(eval_seed(i)), [who]).outcome(0) for i in range(n)])))
     for learner, opponent in [("random", "random"), ("random", "expert"), ("expert", "random"), ("expert", "expert")]:
         outcomes = []
         for i in range(n):
-            g = make("tictactoe", opponent="expert").reset(i)
+            g = make("tictactoe", opponent="expert").reset(eval_seed(i))
             players = ["random"] * 2
             players[g.learner_seat] = "scripted" if learner == "expert" else "random"
             players[1 - g.learner_seat] = "scripted" if opponent == "expert" else "random"
-            outcomes.append(play(g, players).outcome(g.learner_seat))
+            outcomes.append(play_scripted(g, players).outcome(g.learner_seat))
         rows.append(("tictactoe", f"{learner} vs {opponent}", outcome_rates(outcomes)))
     for civilians, spy in [("random", "random"), ("scripted", "random"), ("random", "scripted"), ("scripted", "scripted")]:
         outcomes = []
         for i in range(n):
-            g = make("spy").reset(i)
-            play(g, [spy if s == g.spy else civilians for s in range(4)])
+            g = make("spy").reset(eval_seed(i))
+            play_scripted(g, [spy if s == g.spy else civilians for s in range(4)])
             outcomes.append(g.outcome((g.spy + 1) % 4))
         rows.append(("spy", f"{civilians} civilians vs {spy} spy", outcome_rates(outcomes)))
     for who in ("random", "scripted"):  # the learner's view: a random seat among scripted players
         outcomes = []
         for i in range(n):
-            g = make("spy").reset(i)
-            play(g, [who if s == g.learner_seat else "scripted" for s in range(4)])
+            g = make("spy").reset(eval_seed(i))
+            play_scripted(g, [who if s == g.learner_seat else "scripted" for s in range(4)])
             outcomes.append(g.outcome(g.learner_seat))
         rows.append(("spy", f"{who} seat among scripted", outcome_rates(outcomes)))
     return rows
@@ -147,7 +163,6 @@ def detail_lines(model: str, row: dict[str, dict]) -> list[str]:
 def benchmark_score(policy, path: Path) -> dict[str, float]:
     """Multiple choice from a JSONL file of {"question", "choices": [...], "answer": index or choice text}:
     the model picks the choice with the highest total log-likelihood as its reply to the question."""
-    from policy import token_logprobs
     correct = total = 0
     for line in open(path):
         if not line.strip():
@@ -189,6 +204,119 @@ def plot_curves(run_dir: Path, keys=("reward", "kl", "entropy")) -> str:
     return f"wrote {out}"
 
 
+# ----------------------------------------------------------------------------- comparing training runs
+def arm_of(run_dir: Path) -> str:
+    """A run's arm: its folder's name without the trailing -seedN (runs of one arm differ only by seed)."""
+    return re.sub(r"-seed\d+$", "", Path(run_dir).name)
+
+
+def run_scores(run_dir: Path, names, n: int) -> dict:
+    """A run's final checkpoint on every game, train and held-out split (greedy); kept in the run's folder."""
+    saved = Path(run_dir) / f"scores-{n}.json"
+    if saved.exists() and set(json.loads(saved.read_text())["train"]) >= set(names):
+        return json.loads(saved.read_text())
+    policy = load_policy(str(Path(run_dir) / "checkpoint"))
+    result = {split: score(policy, names, n, split) for split in ("train", "test")}
+    saved.write_text(json.dumps(result))
+    return result
+
+
+def comparison_table(results: dict[str, list[dict]], names) -> str:
+    """Rows: arms; cells: each game's win rate on the train and the held-out split, the mean over the arm's
+    runs (seeds) with their standard deviation."""
+    head = "| trained on | runs | " + " | ".join(f"{n} (train) | {n} (test)" for n in names) + " |"
+    lines = [head, "|---" * (2 + 2 * len(names)) + "|"]
+    for arm, runs in results.items():
+        cells = []
+        for name in names:
+            for split in ("train", "test"):
+                wins = [100 * r[split][name]["win"] for r in runs]
+                spread = f" ± {statistics.stdev(wins):.1f}" if len(wins) > 1 else ""
+                cells.append(f"{statistics.mean(wins):.1f}{spread}")
+        lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare_runs(run_dirs: list[Path], names, n: int, start_model: str | None) -> tuple[str, dict]:
+    """Every run's checkpoint scored on every game (and the model they started from), grouped by arm."""
+    results = {}
+    if start_model:
+        policy = load_policy(start_model)
+        results["start (before GRPO)"] = [{split: score(policy, names, n, split) for split in ("train", "test")}]
+    for run_dir in run_dirs:
+        results.setdefault(arm_of(run_dir), []).append(run_scores(run_dir, names, n))
+    return comparison_table(results, names), results
+
+
+def arm_curves(run_dirs: list[Path], bins: int = 10) -> dict[str, dict[str, list[float]]]:
+    """Per arm, the mean over its runs of the reward and each game's win rate (at temperature 1, as trained)
+    in `bins` equal spans of learner turns; "turns" holds each span's end."""
+    curves = {}
+    for arm in dict.fromkeys(arm_of(d) for d in run_dirs):
+        runs = [[json.loads(line) for line in open(Path(d) / "metrics.jsonl") if line.strip()]
+                for d in run_dirs if arm_of(d) == arm]
+        budget = max(m[-1]["total_learner_turns"] for m in runs)
+        keys = ["reward"] + sorted({k for m in runs for step in m for k in step if k.endswith("/win")})
+        curve = {"turns": [budget * (b + 1) / bins for b in range(bins)]}
+        for key in keys:
+            per_bin = [[] for _ in range(bins)]
+            for metrics in runs:
+                for step in metrics:
+                    if key in step:
+                        b = min(bins - 1, int(bins * (step["total_learner_turns"] - 1) / budget))
+                        per_bin[b].append(step[key])
+            curve[key] = [statistics.mean(v) if v else float("nan") for v in per_bin]
+        curves[arm] = curve
+    return curves
+
+
+def curves_text_and_png(run_dirs: list[Path], out: Path) -> str:
+    """Curves per arm against learner turns: as text, and as a PNG at `out` if matplotlib is installed."""
+    curves = arm_curves(run_dirs)
+    lines = []
+    for arm, curve in curves.items():
+        keys = [k for k in curve if k != "turns"]
+        lines += [f"{arm} (mean over runs, per span of learner turns)", f"{'turns':>8} " + " ".join(f"{k:>15}" for k in keys)]
+        lines += [f"{t:>8.0f} " + " ".join(f"{curve[k][i]:>15.3f}" for k in keys) for i, t in enumerate(curve["turns"])]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "\n".join(lines + ["(pip install matplotlib for a PNG)"])
+    keys = list(dict.fromkeys(k for c in curves.values() for k in c if k != "turns"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for arm, curve in curves.items():
+            if key in curve:
+                ax.plot(curve["turns"], curve[key], marker=".", label=arm)
+        ax.set_title(key)
+        ax.set_xlabel("learner turns")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return "\n".join(lines + [f"wrote {out}"])
+
+
+def bench(policy: Policy, batch_sizes=(1, 8, 64), max_new_tokens: int = 32) -> dict[int, float]:
+    """New tokens per second when generating replies to a batch of game prompts (no stop at end of turn)."""
+    results = {}
+    for n in batch_sizes:
+        batch = ChatBatch(policy, list(range(n)))
+        for r in range(n):
+            name = list(GAMES)[r % 3]
+            g = make(name).reset(eval_seed(r))
+            batch.add_user(r, g.prompt(g.to_move))
+        stop = policy.stop_ids
+        policy.stop_ids = set()  # measure a fixed number of tokens per row
+        start = time.time()
+        batch.generate(list(range(n)), max_new_tokens)
+        policy.stop_ids = stop
+        results[n] = batch.new_tokens / (time.time() - start)
+        print(f"batch {n:>3}: {results[n]:8.0f} new tokens/s (prompt prefill included)")
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="tiny", help="comma-separated: 'tiny' or local model folders (checkpoints)")
@@ -197,19 +325,32 @@ def main(argv=None):
     parser.add_argument("--split", default="train", choices=["train", "test", "both"], help="game split (test: held-out templates and words)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy")
     parser.add_argument("--out", default=None, help="JSON file for the results (default: next to the model, or ./eval.json)")
-    parser.add_argument("--plot", default=None, metavar="RUN_DIR", help="draw learning curves of a run instead")
+    parser.add_argument("--plot", nargs="+", default=None, metavar="RUN_DIR",
+                        help="learning curves of a run instead; of several runs: per arm against learner turns")
+    parser.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
+                        help="score these runs' checkpoints on both splits; a table by arm (mean, spread over seeds)")
     parser.add_argument("--benchmark", default=None, metavar="JSONL", help="score a multiple-choice file instead")
     parser.add_argument("--baselines", type=int, default=0, metavar="N", help="print random/scripted baselines instead")
+    parser.add_argument("--bench", action="store_true", help="measure generation throughput instead")
     args = parser.parse_args(argv)
     if args.plot:
-        if not (Path(args.plot) / "metrics.jsonl").exists():
-            parser.error(f"no metrics.jsonl in {args.plot}")
-        print(plot_curves(Path(args.plot)))
+        for run in args.plot:
+            if not (Path(run) / "metrics.jsonl").exists():
+                parser.error(f"no metrics.jsonl in {run}")
+        if len(args.plot) == 1:
+            print(plot_curves(Path(args.plot[0])))
+        else:
+            print(curves_text_and_png([Path(r) for r in args.plot], Path(args.plot[0]).parent / "curves.png"))
         return
     if args.baselines:
         print(f"{'game':<11}{'setting (win = learner / civilian side)':<40}{'win':>7}{'draw':>7}{'loss':>7}")
         for game, setting, rates in baseline_rows(args.baselines):
             print(f"{game:<11}{setting:<40}" + "".join(f"{rates[k]:>7.1%}" for k in ("win", "draw", "loss")))
+        return
+    if args.bench:
+        policy = load_policy(args.model)
+        print(f"{args.model}: {sum(p.numel() for p in policy.model.parameters()):,} parameters")
+        bench(policy)
         return
     try:
         names = game_names(args.games)
@@ -217,7 +358,17 @@ def main(argv=None):
         parser.error(str(error))
     if args.n < 1:
         parser.error("--n must be at least 1")
-    from policy import load_policy
+    if args.compare:
+        for run in args.compare:
+            if not (Path(run) / "checkpoint").is_dir():
+                parser.error(f"no checkpoint in {run}")
+        start = json.loads((Path(args.compare[0]) / "config.json").read_text()).get("start_model")
+        table, results = compare_runs([Path(r) for r in args.compare], names, args.n, start)
+        print(table)
+        out = Path(args.out or Path(args.compare[0]).parent / "comparison.json")
+        out.write_text(json.dumps(results, indent=1))
+        print(f"results written to {out}")
+        return
     results = {}
     for model in args.model.split(","):
         policy = load_policy(model)

@@ -319,7 +319,7 @@ def expert_moves(board: str, mark: str) -> list[int]:
     return [i for i, v in values.items() if v == best]
 
 
-def parse_opponent(spec: str) -> float:
+def opponent_randomness(spec: str) -> float:
     """TicTacToe opponent spec -> probability of a random move: random 1, expert 0, eps:P P."""
     if spec in ("random", "expert"):
         return 1.0 if spec == "random" else 0.0
@@ -335,7 +335,7 @@ class TicTacToe(Game):
 
     def __init__(self, split="train", max_tries=3, opponent: str = "random", opening_rounds: int = 0):
         super().__init__(split, max_tries)
-        self.opponent, self.random_prob = opponent, parse_opponent(opponent)
+        self.opponent, self.random_prob = opponent, opponent_randomness(opponent)
         if opening_rounds not in (0, 1):
             raise ValueError("opening_rounds must be 0 or 1")
         self.opening_rounds = opening_rounds
@@ -676,7 +676,7 @@ def make(name: str, split: str = "train", **options) -> Game:
 
 
 # ------------------------------------------------------------------------------------ demo, baselines
-def play(game: Game, players) -> Game:
+def play_scripted(game: Game, players) -> Game:
     """Play to the end; players[seat] is 'scripted' or 'random'."""
     for _ in range(1000):
         if game.done:

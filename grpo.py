@@ -1,30 +1,39 @@
 """GRPO on text games, from scratch: `python grpo.py --games matrix,tictactoe,spy`.
 
-Per step: draw B game instances (seeds) and play each G times (a group: same seed, same seat, same words).
-All B*G episodes advance together; each turn is one batched generation call per model over every episode
-waiting on it, and scripted seats act in place. The learner's whole conversation is one token sequence;
-its return R is the game reward plus the invalid-reply penalties (-0.1 each). Then, per token t of
-episode i (only tokens the learner sampled; game-master and opponent text is masked out):
+One step, top to bottom (grpo_step):
+  1. plan:   B game instances (seeds); each is played G times, a group: same seed, same seat, same words
+             (nested.py: nested episodes chain all the games, mixed ones draw one game per group).
+  2. play:   all B*G episodes advance together; each turn is one batched generation call per model over
+             every episode waiting on it (policy.play); scripted seats act in place.
+  3. reward: the learner's whole conversation is one token sequence; its return R is the game reward plus
+             the invalid-reply penalties (-0.1 each; a nested episode combines its sub-games' returns).
+  4. advantages, per group:  A_i = (R_i - mean(R_group)) / (std(R_group) + 1e-4)   (population std;
+             --scale-rewards none: no division). Groups whose rewards are all equal carry no signal and are
+             dropped (optionally only the top fraction of groups by spread is kept).
+  5. update: per token t of episode i that the learner sampled (game-master and opponent text is masked out):
+                 r_t   = exp(logp_t - logp_old_t)                                (logp_old: recorded while sampling)
+                 k3_t  = exp(logp_ref_t - logp_t) - (logp_ref_t - logp_t) - 1    (KL to the frozen start model)
+                 loss  = mean_t[ -min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) + beta k3_t ]
+             over a few minibatches, one AdamW step each (grad norm clipped at 1), so the ratio and the clip
+             act from the second minibatch on. mean_t is over the learner tokens of the whole step (each
+             minibatch divides its sum by the step's tokens per minibatch), so every token weighs the same.
+  6. log:    reward, KL, clip fraction, entropy, per-game win rates, seconds per step, tokens per second.
 
-    A_i   = (R_i - mean(R_group)) / (std(R_group) + 1e-4)           (--scale-rewards none: no division)
-    r_t   = exp(logp_t - logp_old_t)                                 (logp_old: recorded while sampling)
-    k3_t  = exp(logp_ref_t - logp_t) - (logp_ref_t - logp_t) - 1     (KL to the frozen start model)
-    loss  = mean_t[ -min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) + beta k3_t ]
+Several processes: `torchrun --nproc_per_node N grpo.py ...` (or --nnodes M across hosts). Each rank plays
+whole groups (instances rank, rank + N, ...), gradients are summed over ranks, and the loss is normalised by
+the learner tokens of the whole step, so N ranks make the update of one process on the same instances.
+Rank 0 alone writes logs and checkpoints. gloo on CPU, nccl on GPUs (see `Ranks` at the end).
 
-Groups whose rewards are all equal carry no signal and are dropped (optionally only the top fraction of
-groups by spread is kept). The batch is split into minibatches, one AdamW step each (grad norm clipped at
-1), so the ratio and the clip act from the second minibatch on; mean_t is over the learner tokens of the
-whole step (a minibatch divides its sum by the step's tokens per minibatch), so every token weighs the same.
-std is the population standard deviation.
-
-Simplifications: one process (no DDP yet); the reference model is the model training started from; an
-episode's text is what the learner saw, in the games' own prompts.
+Simplifications: the reference model is the model training started from; an episode's text is what the
+learner saw, in the games' own prompts; no value model, no reward model.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
+import os
 import random
 import sys
 import time
@@ -32,83 +41,99 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+import evaluate
 import games
+import nested
 import policy as policy_lib
 
-# ----------------------------------------------------------------------------------------- rollouts
 
-
-def make_game(name: str, split: str, opponent: str, nested_reward: str = "mean"):
-    """A game whose scripted seats play `opponent` where that names a scripted player (TicTacToe).
-    A name such as "matrix>tictactoe>spy" makes a nested game of those games in that order."""
-    options = {"tictactoe": {"opponent": opponent}} if not is_llm_opponent(opponent) else {}
-    if ">" in name:
-        from nested import NestedGame
-        return NestedGame(name.split(">"), split, nested_reward, options)
-    return games.make(name, split=split, **options.get(name, {}))
+# ---------------------------------------------------------------------------------- hyper-parameters
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--games", default="matrix,tictactoe,spy", help="comma-separated games to train on")
+    p.add_argument("--model", default="tiny", help="'tiny' (embedded, warm-started) or a local model folder")
+    p.add_argument("--mode", default=None, choices=["nested", "mixed"],
+                   help="with several games: nested (one episode plays them all in order; the default) or mixed "
+                        "(each episode one game, drawn uniformly)")
+    p.add_argument("--nested-reward", default="mean", choices=list(nested.NESTED_REWARDS),
+                   help="how a nested episode's return combines its sub-games' (mean is GIFT's)")
+    p.add_argument("--budget-turns", type=int, default=0,
+                   help="stop once the learner has played this many turns (0: run all --steps)")
+    p.add_argument("--budget-tokens", type=int, default=0,
+                   help="stop once the learner has generated this many tokens (0: run all --steps)")
+    p.add_argument("--opponent", default="random",
+                   help="other seats: random | expert | eps:P (TicTacToe's scripted player; Spy always uses "
+                        "its scripted lexicon players), self (a frozen copy of the learner) or model:PATH")
+    p.add_argument("--self-refresh", type=int, default=10, help="with --opponent self: refresh the copy every K steps")
+    p.add_argument("--steps", type=int, default=100, help="GRPO steps (100 keep the default run, install and "
+                   "warm start included, within 15 minutes on a 2-core CPU)")
+    p.add_argument("--instances", type=int, default=4, help="B: game instances (seeds) per step")
+    p.add_argument("--group-size", type=int, default=8, help="G: episodes per instance (at least 2)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--beta", type=float, default=0.04, help="weight of the k3 KL to the start model (0: no reference)")
+    p.add_argument("--eps-low", type=float, default=0.2, help="ratio clip below 1")
+    p.add_argument("--eps-high", type=float, default=0.28, help="ratio clip above 1")
+    p.add_argument("--minibatches", type=int, default=2, help="optimizer steps per rollout batch")
+    p.add_argument("--aggregation", default="token", choices=["token", "sequence"],
+                   help="loss mean over all learner tokens, or per sequence then over sequences")
+    p.add_argument("--scale-rewards", default="group", choices=["group", "none"], help="divide advantages by the group std")
+    p.add_argument("--top-groups", type=float, default=1.0, help="keep only this fraction of groups, by reward spread")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="cap on generated tokens per turn")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    p.add_argument("--eval-games", type=int, default=400, help="held-out games per game before and after (0: skip)")
+    p.add_argument("--seed", type=int, default=0, help="fixes the games, the sampling and the minibatch order (the tiny model's initial weights have their own fixed seed)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="compute precision; weights and optimizer state stay float32 (auto: bf16 on a GPU that has it)")
+    p.add_argument("--thinking", action="store_true",
+                   help="let templates with a thinking switch (Qwen3) think; off by default, as replies are short")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in backward: less memory for long nested conversations, slower")
+    p.add_argument("--run-dir", default=None, help="where metrics, transcripts and checkpoints go (default runs/<mode>-<games>-seed<seed>)")
+    p.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps")
+    p.add_argument("--transcripts", type=int, default=2, help="learner transcripts saved per step")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    args = p.parse_args(argv)
+    try:
+        args.games = games.game_names(args.games)
+        check_opponent(args.opponent)
+        if args.group_size < 2:
+            raise ValueError(f"--group-size must be at least 2 (GRPO compares episodes within a group), got {args.group_size}")
+        if args.seed < 0:
+            raise ValueError("--seed must be non-negative")
+        for name in ("steps", "instances", "minibatches", "max_new_tokens"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 < args.top_groups <= 1:
+            raise ValueError("--top-groups must be in (0, 1]")
+        if args.temperature <= 0:
+            raise ValueError("--temperature must be > 0 for GRPO rollouts")
+    except ValueError as error:
+        p.exit(2, f"grpo.py: error: {error}\n")
+    args.mode = "single" if len(args.games) == 1 else (args.mode or "nested")
+    args.run_dir = Path(args.run_dir or f"runs/{args.mode}-{'-'.join(args.games)}-seed{args.seed}")
+    return args
 
 
 def is_llm_opponent(spec: str) -> bool:
     return spec == "self" or spec.startswith("model:")
 
 
-def parse_opponent(spec: str) -> str:
+def check_opponent(spec: str):
     if (is_llm_opponent(spec) and spec != "model:") or spec in ("random", "expert"):
-        return spec
+        return
     try:
-        games.parse_opponent(spec)
+        games.opponent_randomness(spec)
     except ValueError:
         raise ValueError(f"--opponent must be random, expert, eps:P (0<=P<=1), self or model:PATH; got {spec!r}") from None
-    return spec
 
 
-def rollout(learner, episodes, temperature=1.0, max_new_tokens=24, seed=0, opponent=None):
-    """Play every game in `episodes` to the end, all at once. Non-learner seats are played by `opponent`
-    (a Policy) when given, else by the games' scripted players. Returns the learner's ChatBatch."""
-    batch = policy_lib.ChatBatch(learner, len(episodes), seed)
-    seats = max(g.num_seats for g in episodes)
-    other = policy_lib.ChatBatch(opponent, len(episodes) * seats, seed + 1) if opponent is not None else None
-    live = set(range(len(episodes)))
-    while live:
-        mine, theirs, ended = [], [], []
-        for i in sorted(live):
-            g = episodes[i]
-            while not g.done and g.to_move != g.learner_seat and other is None:
-                g.step(g.to_move, g.scripted_reply(g.to_move))
-            if g.done:
-                ended.append(i)
-            elif g.to_move == g.learner_seat:
-                mine.append(i)
-            else:
-                theirs.append(i * seats + g.to_move)
-        live -= set(ended)
-        batch.finish(ended)
-        if other is not None:
-            other.finish([i * seats + s for i in ended for s in range(seats)])
-        for model_batch, rows in ((batch, mine), (other, theirs)):
-            if not rows:
-                continue
-            located = [(r, r) if model_batch is batch else (r // seats, r) for r in rows]
-            for i, r in located:
-                model_batch.add_user(r, episodes[i].prompt(episodes[i].to_move))
-            for (i, r), text in zip(located, model_batch.generate(rows, max_new_tokens, temperature)):
-                episodes[i].step(episodes[i].to_move, text)
-    return batch
-
-
-def game_stats(episodes) -> dict[str, float]:
-    """Per game (a nested episode counts once for each of its sub-games): win/draw/loss rates of the
-    learner seat and its invalid replies per episode."""
-    stats = {}
-    played = [sub for g in episodes for sub in getattr(g, "subgames", [g])]
-    for name in sorted({g.name for g in played}):
-        mine = [g for g in played if g.name == name]
-        for outcome in ("win", "draw", "loss"):
-            stats[f"{name}/{outcome}"] = sum(g.outcome(g.learner_seat) == outcome for g in mine) / len(mine)
-        stats[f"{name}/invalid"] = sum(g.invalid[g.learner_seat] for g in mine) / len(mine)
-    return stats
+def scripted_opponent(spec: str) -> str:
+    """TicTacToe's scripted player for the games: the spec itself, or random where LLMs play the other seats."""
+    return "random" if is_llm_opponent(spec) else spec
 
 
 # ---------------------------------------------------------------------------------------------- GRPO
@@ -160,158 +185,143 @@ def training_tensors(batch, rows):
     return [batch.ids[r] for r in rows], mask, logp_old
 
 
-def update(learner, reference, optimizer, batch, rows, advantages, args, step=0) -> dict[str, float]:
-    """Several minibatch updates over the kept episodes `rows` of one rollout batch."""
+def plan_minibatches(lengths: dict[int, int], group_size: int, n: int, seed: str) -> list[list[int]]:
+    """Split the kept episodes (`lengths`: episode -> its sequence length) into n minibatches of similar
+    lengths, which waste little compute on padding; a group's episodes stay together so that their shared
+    prompt runs once (policy.token_logprobs' groups). The minibatches' order is shuffled by `seed`."""
+    longest = {}
+    for r, n_tokens in lengths.items():
+        longest[r // group_size] = max(longest.get(r // group_size, 0), n_tokens)
+    by_length = sorted(lengths, key=lambda r: (longest[r // group_size], r // group_size, lengths[r]))
+    chunks = [[int(r) for r in c] for c in np.array_split(by_length, n) if len(c)]
+    return random.Random(seed).sample(chunks, len(chunks))
+
+
+def update(learner, reference, optimizer, batch, minibatches, advantages, normalizer, ranks, *, group_size,
+           temperature, eps_low, eps_high, beta, aggregation) -> dict[str, float]:
+    """One AdamW step per minibatch of episodes. `batch` holds this rank's episodes and `minibatches` lists
+    the step's episodes by their row in `batch` (rows of other ranks' episodes are None here); the gradient
+    is summed over ranks before each step. `normalizer`: the step's learner tokens (or sequences) per
+    minibatch."""
     dev = learner.device
-    # Minibatches of similar lengths waste little compute on padding, and a group's episodes stay together
-    # so that their shared prompt runs once (token_logprobs' groups); the minibatches' order is shuffled.
-    group = {r: r // args.group_size for r in rows}
-    longest = {g: max(len(batch.ids[r]) for r in rows if group[r] == g) for g in group.values()}
-    by_length = sorted(rows, key=lambda r: (longest[group[r]], group[r], len(batch.ids[r])))
-    chunks = [c for c in np.array_split(by_length, args.minibatches) if len(c)]
-    chunks = random.Random(f"{args.seed}:{step}").sample(chunks, len(chunks))
-    # The loss is the mean over the step's learner tokens (or sequences): each minibatch divides its sum by
-    # the step's count per minibatch, not by its own count, so short (Matrix) episodes in a minibatch of
-    # their own weigh no more per token than long ones; the step size stays that of a per-minibatch mean.
-    learner_tokens = sum(sum(batch.sampled[r][1:]) for r in rows)
-    normalizer = (learner_tokens if args.aggregation == "token" else len(rows)) / len(chunks)
-    logs = {"loss": [], "kl": [], "clip_ratio": [], "entropy": [], "approx_kl": [], "grad_norm": []}
-    seconds = {"reference_s": 0.0, "policy_s": 0.0}  # where the update's time goes
+    sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "approx_kl": 0.0, "tokens": 0.0}
+    grad_norms, seconds = [], {"reference_s": 0.0, "policy_s": 0.0}  # where the update's time goes
     learner.model.train()
-    for chunk in chunks:
-        chunk = [int(r) for r in chunk]
-        seqs, mask, logp_old = training_tensors(batch, chunk)
-        mask, logp_old = mask.to(dev), logp_old.to(dev)
-        groups = [group[r] for r in chunk]
-        started = time.time()
-        logp_ref = None
-        if args.beta > 0:
-            with torch.no_grad():
-                logp_ref = policy_lib.token_logprobs(reference, seqs, args.temperature, only=mask, groups=groups)
-        seconds["reference_s"] += time.time() - started
-        started = time.time()
-        logp, entropy = policy_lib.token_logprobs(learner, seqs, args.temperature, with_entropy=True, only=mask,
-                                                  groups=groups)
-        adv = torch.tensor([advantages[r] for r in chunk], device=dev)
-        loss, diag = grpo_loss(logp, logp_old, logp_ref, adv, mask, args.eps_low, args.eps_high, args.beta,
-                               args.aggregation, normalizer)
+    for chunk in minibatches:
+        rows = [r for r in chunk if r is not None]  # this rank's episodes of the minibatch
         optimizer.zero_grad()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(learner.model.parameters(), 1.0)
+        if rows:
+            seqs, mask, logp_old = training_tensors(batch, rows)
+            mask, logp_old = mask.to(dev), logp_old.to(dev)
+            groups = [r // group_size for r in rows]
+            started = time.time()
+            logp_ref = None
+            if beta > 0:
+                with torch.no_grad():
+                    logp_ref = policy_lib.token_logprobs(reference, seqs, temperature, only=mask, groups=groups)
+            seconds["reference_s"] += time.time() - started
+            started = time.time()
+            logp, entropy = policy_lib.token_logprobs(learner, seqs, temperature, with_entropy=True, only=mask,
+                                                      groups=groups)
+            adv = torch.tensor([advantages[r] for r in rows], device=dev)
+            loss, diag = grpo_loss(logp, logp_old, logp_ref, adv, mask, eps_low, eps_high, beta, aggregation, normalizer)
+            loss.backward()
+            seconds["policy_s"] += time.time() - started
+            log_ratio = (logp - logp_old).detach()
+            for key, value in (("loss", loss), ("kl", diag["kl"]), ("clip_ratio", diag["clipped"]), ("entropy", entropy),
+                               ("approx_kl", (log_ratio.exp() - 1) - log_ratio), ("tokens", torch.ones_like(mask))):
+                sums[key] += float(value.detach() if key == "loss" else (value.detach() * mask).sum())
+        started = time.time()
+        ranks.sum_gradients(learner.model.parameters())
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(learner.model.parameters(), 1.0)))
         optimizer.step()
         seconds["policy_s"] += time.time() - started
-        n = mask.sum().clamp(min=1)
-        log_ratio = (logp - logp_old).detach()
-        for key, value in (("loss", loss), ("kl", (diag["kl"] * mask).sum() / n),
-                           ("clip_ratio", (diag["clipped"] * mask).sum() / n),
-                           ("entropy", (entropy * mask).sum() / n),
-                           ("approx_kl", (((log_ratio.exp() - 1) - log_ratio) * mask).sum() / n),
-                           ("grad_norm", grad_norm)):
-            logs[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
     learner.model.eval()
-    return {**{k: float(np.mean(v)) for k, v in logs.items()}, **seconds}
+    totals = dict(zip(sums, ranks.sum(list(sums.values()))))
+    n = max(totals.pop("tokens"), 1.0)
+    logs = {"loss": totals.pop("loss") / len(minibatches), **{k: v / n for k, v in totals.items()}}
+    return {**logs, "grad_norm": float(np.mean(grad_norms)), **seconds}
 
 
-# ------------------------------------------------------------------------------------------ training
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--games", default="matrix,tictactoe,spy", help="comma-separated games to train on")
-    p.add_argument("--model", default="tiny", help="'tiny' (embedded, warm-started) or a local model folder")
-    p.add_argument("--mode", default=None, choices=["nested", "mixed"],
-                   help="with several games: nested (one episode plays them all in order; the default) or mixed "
-                        "(each episode one game, drawn uniformly)")
-    p.add_argument("--nested-reward", default="mean", choices=["mean", "min", "product"],
-                   help="how a nested episode's return combines its sub-games' (mean is GIFT's)")
-    p.add_argument("--budget-turns", type=int, default=0,
-                   help="stop once the learner has played this many turns (0: run all --steps)")
-    p.add_argument("--budget-tokens", type=int, default=0,
-                   help="stop once the learner has generated this many tokens (0: run all --steps)")
-    p.add_argument("--opponent", default="random",
-                   help="other seats: random | expert | eps:P (TicTacToe's scripted player; Spy always uses "
-                        "its scripted lexicon players), self (a frozen copy of the learner) or model:PATH")
-    p.add_argument("--self-refresh", type=int, default=10, help="with --opponent self: refresh the copy every K steps")
-    p.add_argument("--steps", type=int, default=100, help="GRPO steps (100 keep the default run, install and "
-                   "warm start included, within 15 minutes on a 2-core CPU)")
-    p.add_argument("--instances", type=int, default=4, help="B: game instances (seeds) per step")
-    p.add_argument("--group-size", type=int, default=8, help="G: episodes per instance (at least 2)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    p.add_argument("--beta", type=float, default=0.04, help="weight of the k3 KL to the start model (0: no reference)")
-    p.add_argument("--eps-low", type=float, default=0.2, help="ratio clip below 1")
-    p.add_argument("--eps-high", type=float, default=0.28, help="ratio clip above 1")
-    p.add_argument("--minibatches", type=int, default=2, help="optimizer steps per rollout batch")
-    p.add_argument("--aggregation", default="token", choices=["token", "sequence"],
-                   help="loss mean over all learner tokens, or per sequence then over sequences")
-    p.add_argument("--scale-rewards", default="group", choices=["group", "none"], help="divide advantages by the group std")
-    p.add_argument("--top-groups", type=float, default=1.0, help="keep only this fraction of groups, by reward spread")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="cap on generated tokens per turn")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
-    p.add_argument("--eval-games", type=int, default=400, help="held-out games per game before and after (0: skip)")
-    p.add_argument("--seed", type=int, default=0, help="fixes the games, the sampling and the minibatch order (the tiny model's initial weights have their own fixed seed)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="compute precision; weights and optimizer state stay float32 (auto: bf16 on a GPU that has it)")
-    p.add_argument("--thinking", action="store_true",
-                   help="let templates with a thinking switch (Qwen3) think; off by default, as replies are short")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute activations in backward: less memory for long nested conversations, slower")
-    p.add_argument("--run-dir", default=None, help="where metrics, transcripts and checkpoints go (default runs/<games>-seed<seed>)")
-    p.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps")
-    p.add_argument("--transcripts", type=int, default=2, help="learner transcripts saved per step")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
-    args = p.parse_args(argv)
-    try:
-        args.games = games.game_names(args.games)
-        parse_opponent(args.opponent)
-        if args.group_size < 2:
-            raise ValueError(f"--group-size must be at least 2 (GRPO compares episodes within a group), got {args.group_size}")
-        if args.seed < 0:
-            raise ValueError("--seed must be non-negative")
-        for name in ("steps", "instances", "minibatches", "max_new_tokens"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if not 0 < args.top_groups <= 1:
-            raise ValueError("--top-groups must be in (0, 1]")
-        if args.temperature <= 0:
-            raise ValueError("--temperature must be > 0 for GRPO rollouts")
-    except ValueError as error:
-        p.exit(2, f"grpo.py: error: {error}\n")
-    args.mode = "single" if len(args.games) == 1 else (args.mode or "nested")
-    args.run_dir = Path(args.run_dir or f"runs/{args.mode}-{'-'.join(args.games)}-seed{args.seed}")
-    return args
+# ------------------------------------------------------------------------------------ one GRPO step
+def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks) -> dict:
+    """plan -> play -> rewards -> advantages -> update -> log; returns the step's metrics (every rank)."""
+    started = time.time()
+    G = args.group_size
+    # 1. Plan: the step's B instances; this rank plays instances rank, rank + N, ... (whole groups).
+    instances = nested.step_instances(args.games, args.mode, args.seed, step, args.instances)
+    mine = list(range(ranks.rank, args.instances, ranks.world))
+    episodes = [nested.make_game(instances[b][0], "train", scripted_opponent(args.opponent), args.nested_reward)
+                .reset(instances[b][1]) for b in mine for _ in range(G)]
+    # 2. Play. Each episode samples from its own stream, named by its instance's seed and its place in the group.
+    keys = [(instances[b][1], k) for b in mine for k in range(G)]
+    batch = policy_lib.play(learner, episodes, keys, args.temperature, args.max_new_tokens, opponent)
+    rollout_seconds = time.time() - started
+    # 3. Rewards of every episode of the step, from every rank, in instance order.
+    summaries = ranks.gather_instances(
+        [[episode_summary(g, batch, i * G + k) for k, g in enumerate(episodes[i * G:(i + 1) * G])] for i in range(len(mine))],
+        args.instances)
+    everyone = [s for group in summaries for s in group]
+    rewards = torch.tensor([[s["reward"] for s in group] for group in summaries])
+    # 4. Advantages per group; groups without a reward spread are dropped.
+    advantages, keep = group_advantages(rewards, args.scale_rewards, args.top_groups)
+    kept = [b * G + k for b in range(args.instances) if keep[b] for k in range(G)]
+    # 5. Update: minibatches planned over the step's episodes alike on every rank, each rank training its own.
+    logs = {}
+    if kept:
+        plan = plan_minibatches({r: everyone[r]["length"] for r in kept}, G, args.minibatches, f"{args.seed}:{step}")
+        row_of = {b * G + k: mine.index(b) * G + k for b in mine for k in range(G)}  # step episode -> row of batch
+        count = sum(everyone[r]["tokens"] for r in kept) if args.aggregation == "token" else len(kept)
+        logs = update(learner, reference, optimizer, batch, [[row_of.get(r) for r in chunk] for chunk in plan],
+                      advantages.flatten().tolist(), count / len(plan), ranks, group_size=G,
+                      temperature=args.temperature, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
+                      aggregation=args.aggregation)
+    # 6. Log.
+    turns, tokens = sum(s["turns"] for s in everyone), sum(s["tokens"] for s in everyone)
+    totals["turns"] += turns
+    totals["tokens"] += tokens
+    totals["episodes"] += len(everyone)
+    if ranks.main:
+        save_transcripts(args, step, episodes, batch)
+    new_tokens, slowest_rollout = ranks.sum([batch.new_tokens])[0], ranks.max(rollout_seconds)
+    return {"step": step + 1, "reward": rewards.mean().item(), "reward_std": rewards.std(1, unbiased=False).mean().item(),
+            "frac_reward_zero_std": (rewards.std(1) == 0).float().mean().item(),
+            "completion_length": tokens / len(everyone), "episode_tokens": float(np.mean([s["length"] for s in everyone])),
+            **logs, **nested.game_stats([r for s in everyone for r in s["results"]]),
+            "learner_turns": turns, "learner_tokens": tokens, "total_episodes": totals["episodes"],
+            "total_learner_turns": totals["turns"], "total_learner_tokens": totals["tokens"],
+            "tokens_per_s": new_tokens / slowest_rollout, "rollout_s": slowest_rollout, "step_s": time.time() - started}
 
 
-def step_instances(args, step: int) -> list[tuple[str, int]]:
-    """The B (game, seed) instances of a step: a pure function of the seed and the step, so a resumed run
-    draws the same games. Mixed: one game per group, drawn uniformly; nested: all games in order."""
-    rng = random.Random(f"{args.seed}:{step}")
-    names = [">".join(args.games) if args.mode == "nested" else rng.choice(args.games) for _ in range(args.instances)]
-    return [(name, games.train_seed(args.seed, step, b)) for b, name in enumerate(names)]
+def episode_summary(game, batch, row) -> dict:
+    """What the step's metrics and advantages need of an episode (small enough to send between ranks)."""
+    return {"reward": game.rewards[game.learner_seat], "tokens": sum(batch.sampled[row]), "length": len(batch.ids[row]),
+            "turns": sum(m["role"] == "assistant" for m in batch.messages[row]), "results": nested.results(game)}
 
 
-def save_checkpoint(learner, optimizer, args, step, totals):
-    state = {"step": step, "totals": totals, "optimizer": optimizer.state_dict(), "python": random.getstate(),
-             "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    policy_lib.save_atomic(learner.model, learner.tokenizer, args.run_dir / "checkpoint", {"trainer_state.pt": state})
+def save_transcripts(args, step, episodes, batch):
+    with open(args.run_dir / "transcripts.jsonl", "a") as f:
+        for r in range(0, len(episodes), max(1, len(episodes) // max(1, args.transcripts)))[:args.transcripts]:
+            g = episodes[r]
+            f.write(json.dumps({"messages": batch.messages[r], "meta": {
+                "step": step + 1, "game": g.name, "seed": g.seed, "reward": g.rewards[g.learner_seat]}}) + "\n")
 
 
-def keep_lines_up_to(path: Path, step: int, step_of):
-    """After a crash the logs may run past the last checkpoint: drop the steps that will be redone."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line.strip() and step_of(json.loads(line)) <= step]
-        path.write_text("".join(line + "\n" for line in lines))
-
-
-def setup(args):
+# ------------------------------------------------------------------------------------------- the run
+def setup(args, ranks):
     """Models, optimizer and counters, fresh or from the run directory's checkpoint."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    args.run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = args.run_dir / "checkpoint"
     if args.resume and not (checkpoint / "trainer_state.pt").exists():
         sys.exit(f"grpo.py: nothing to resume in {args.run_dir}")
+    if args.model == "tiny" and ranks.main:
+        policy_lib.warm_start()  # built once (a few minutes), by rank 0, while the other ranks wait
+    ranks.barrier()
     args.start_model = args.model if args.model != "tiny" else str(policy_lib.warm_start())
-    load = lambda path: policy_lib.load_policy(path, args.device, args.precision, args.thinking)
+    device = f"cuda:{ranks.local}" if ranks.world > 1 and torch.cuda.is_available() else args.device
+    load = lambda path: policy_lib.load_policy(path, device, args.precision, args.thinking)
     learner = load(str(checkpoint) if args.resume else args.start_model)
     if args.grad_checkpointing:
         policy_lib.checkpointing(learner.model, enable=True)
@@ -331,87 +341,148 @@ def setup(args):
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
         step, totals = state["step"], state["totals"]
-        keep_lines_up_to(args.run_dir / "metrics.jsonl", step, lambda m: m["step"])
-        keep_lines_up_to(args.run_dir / "transcripts.jsonl", step, lambda t: t["meta"]["step"])
-    else:
-        for name in ("metrics.jsonl", "transcripts.jsonl"):
-            (args.run_dir / name).unlink(missing_ok=True)
-    (args.run_dir / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                                          for k, v in vars(args).items()}, indent=1))
+    if ranks.main:
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+        for name, step_of in (("metrics.jsonl", lambda m: m["step"]), ("transcripts.jsonl", lambda t: t["meta"]["step"])):
+            keep_lines_up_to(args.run_dir / name, step if args.resume else 0, step_of)
+        (args.run_dir / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                              for k, v in vars(args).items()}, indent=1))
     return learner, reference, opponent, optimizer, step, totals
 
 
-def grpo_step(args, step, learner, reference, opponent, optimizer, totals) -> dict:
-    """One GRPO step: roll out B groups of G episodes, score them, update; returns the step's metrics."""
-    started = time.time()
-    episodes = [make_game(name, "train", args.opponent, args.nested_reward).reset(seed)
-                for name, seed in step_instances(args, step) for _ in range(args.group_size)]
-    batch = rollout(learner, episodes, args.temperature, args.max_new_tokens, seed=games.train_seed(args.seed, step, 0),
-                    opponent=opponent)
-    rollout_seconds = time.time() - started
-    rewards = torch.tensor([g.rewards[g.learner_seat] for g in episodes]).view(args.instances, args.group_size)
-    advantages, keep = group_advantages(rewards, args.scale_rewards, args.top_groups)
-    rows = [b * args.group_size + k for b in range(args.instances) if keep[b] for k in range(args.group_size)]
-    logs = update(learner, reference, optimizer, batch, rows, advantages.flatten().tolist(), args, step) if rows else {}
-    lengths = [sum(batch.sampled[r]) for r in range(len(episodes))]
-    episode_tokens = float(np.mean([len(ids) for ids in batch.ids]))  # the learner's whole conversation
-    turns = sum(m["role"] == "assistant" for msgs in batch.messages for m in msgs)
-    totals["turns"] += turns
-    totals["tokens"] += sum(lengths)
-    totals["episodes"] += len(episodes)
-    with open(args.run_dir / "transcripts.jsonl", "a") as f:
-        for r in range(0, len(episodes), max(1, len(episodes) // max(1, args.transcripts)))[:args.transcripts]:
-            g = episodes[r]
-            f.write(json.dumps({"messages": batch.messages[r], "meta": {
-                "step": step + 1, "game": g.name, "seed": g.seed, "reward": g.rewards[g.learner_seat]}}) + "\n")
-    return {"step": step + 1, "reward": rewards.mean().item(), "reward_std": rewards.std(1, unbiased=False).mean().item(),
-            "frac_reward_zero_std": (rewards.std(1) == 0).float().mean().item(),
-            "completion_length": float(np.mean(lengths)), "episode_tokens": episode_tokens, **logs, **game_stats(episodes),
-            "learner_turns": turns, "learner_tokens": int(sum(lengths)), "total_episodes": totals["episodes"],
-            "total_learner_turns": totals["turns"], "total_learner_tokens": totals["tokens"],
-            "tokens_per_s": batch.new_tokens / rollout_seconds, "rollout_s": rollout_seconds,
-            "step_s": time.time() - started}
+def keep_lines_up_to(path: Path, step: int, step_of):
+    """After a crash the logs may run past the last checkpoint: drop the steps that will be redone."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line.strip() and step_of(json.loads(line)) <= step]
+        path.write_text("".join(line + "\n" for line in lines))
 
 
-def train(args):
-    learner, reference, opponent, optimizer, first_step, totals = setup(args)
-    import evaluate
+def save_checkpoint(learner, optimizer, args, step, totals, ranks):
+    if ranks.main:
+        state = {"step": step, "totals": totals, "optimizer": optimizer.state_dict(), "python": random.getstate(),
+                 "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        policy_lib.save_atomic(learner.model, learner.tokenizer, args.run_dir / "checkpoint", {"trainer_state.pt": state})
+    ranks.barrier()  # no rank runs ahead of a checkpoint that it may have to resume from
+
+
+def held_out_scores(learner, args, ranks) -> dict:
+    """Held-out games of every game, split between the ranks, scored together."""
+    opponent = scripted_opponent(args.opponent)
+    return {name: evaluate.summarize(name, [r for part in ranks.gather(evaluate.play_games(
+        learner, name, range(ranks.rank, args.eval_games, ranks.world), opponent=opponent)) for r in part])
+        for name in args.games}
+
+
+def train(args, ranks=None):
+    ranks = ranks or Ranks()
+    learner, reference, opponent, optimizer, first_step, totals = setup(args, ranks)
     before_path = args.run_dir / "before.json"
-    if args.eval_games and not before_path.exists():
-        before_path.write_text(json.dumps(evaluate.score(learner, args.games, args.eval_games, opponent=args.opponent)))
+    if args.eval_games and ranks.gather(not before_path.exists())[0]:  # rank 0's files decide
+        before = held_out_scores(learner, args, ranks)
+        if ranks.main:
+            before_path.write_text(json.dumps(before))
     # With a budget the bar counts what the budget counts (learner turns or tokens), else steps.
     unit = "turns" if args.budget_turns else "tokens" if args.budget_tokens else None
     bar = tqdm(total=args.budget_turns or args.budget_tokens or args.steps, unit=f" {unit or 'step'}",
-               initial=totals[unit] if unit else first_step, desc=f"GRPO ({args.mode})")
+               initial=totals[unit] if unit else first_step, desc=f"GRPO ({args.mode})", disable=not ranks.main)
     for step in range(first_step, args.steps):
         if args.opponent == "self" and step % args.self_refresh == 0:
             opponent.model.load_state_dict(learner.model.state_dict())
-        metrics = grpo_step(args, step, learner, reference, opponent, optimizer, totals)
-        with open(args.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        metrics = grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks)
+        if ranks.main:
+            with open(args.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics.get('kl', 0):.3f}",
                         tok_s=f"{metrics['tokens_per_s']:.0f}", s_step=f"{metrics['step_s']:.1f}")
         bar.update(metrics[f"learner_{unit}"] if unit else 1)
         over_budget = (args.budget_turns and totals["turns"] >= args.budget_turns) or \
                       (args.budget_tokens and totals["tokens"] >= args.budget_tokens)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or over_budget:
-            save_checkpoint(learner, optimizer, args, step + 1, totals)
+            save_checkpoint(learner, optimizer, args, step + 1, totals, ranks)
         if over_budget:
             break
     bar.close()
-    print(f"consumed: {totals['episodes']} episodes, {totals['turns']} learner turns, "
-          f"{totals['tokens']} learner tokens ({args.mode})")
+    if ranks.main:
+        print(f"consumed: {totals['episodes']} episodes, {totals['turns']} learner turns, "
+              f"{totals['tokens']} learner tokens ({args.mode})")
     if args.eval_games:
-        after = evaluate.score(learner, args.games, args.eval_games, opponent=args.opponent)
-        table = evaluate.before_after_table(json.loads(before_path.read_text()), after)
-        print(table)
-        (args.run_dir / "before_after.md").write_text(table + "\n")
+        after = held_out_scores(learner, args, ranks)
+        if ranks.main:
+            table = evaluate.before_after_table(json.loads(before_path.read_text()), after)
+            print(table)
+            (args.run_dir / "before_after.md").write_text(table + "\n")
     return learner
+
+
+# -------------------------------------------------------------------------- several processes (torchrun)
+class Ranks:
+    """This process's place among the processes `torchrun` started (from its environment variables), and
+    the few collective operations the step needs. Without torchrun: one process, and each is a no-op."""
+
+    def __init__(self, timeout_s: float = 1800):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank, self.local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+        self.main = self.rank == 0
+        if self.world > 1 and not dist.is_initialized():
+            # A rank that dies makes the others' next collective fail after `timeout_s` rather than hang
+            # (torchrun also stops the other ranks as soon as one exits with an error).
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(self.local)
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        self.device = torch.device(f"cuda:{self.local}") if dist.is_initialized() and dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather_instances(self, mine: list, n: int) -> list:
+        """Per-instance values of the whole step in instance order, from each rank's (instances rank, rank+N, ...)."""
+        parts = self.gather(mine)
+        return [parts[b % self.world][b // self.world] for b in range(n)]
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def max(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    def sum_gradients(self, parameters):
+        """Sum each gradient over the ranks (a rank without episodes in a minibatch adds zeros): with the loss
+        divided by the whole step's token count, the sum is the gradient one process would compute."""
+        if self.world == 1:
+            return
+        for p in parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
 
 
 def main(argv=None):
     args = parse_args(argv)
-    train(args)
+    ranks = Ranks()
+    try:
+        train(args, ranks)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

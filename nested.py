@@ -1,4 +1,4 @@
-"""Nested composition (an explicit AND of games) against mixing (an implicit OR).
+"""What a GRPO step plays: nested episodes (an explicit AND of games) or mixed ones (an implicit OR).
 
     nested: one episode plays the chosen games in sequence, e.g. matrix -> tictactoe -> spy, as one
             continuing conversation for the learner; when a sub-game ends the next begins in the same
@@ -8,16 +8,17 @@
                 product:      R = prod_k max(R_k, 0)
     mixed:  every episode is one game, drawn uniformly; each GRPO group holds one game.
 
-`NestedGame` speaks the games' protocol, so the GRPO rollout loop plays it like any other game. The
+`NestedGame` speaks the games' protocol (games.py), so the rollout plays it like any other game. The
 learner is always seat 0 of a nested game; the other seats map onto each sub-game's other seats.
-
-    python nested.py --compare    # single-game runs, mixed, nested at one budget; a GIFT-shaped table
+`step_instances` is the one place where nested and mixed differ; `make_game` builds either kind of game
+from its name ("matrix", or "matrix>tictactoe>spy" for a nested one); `random_transcripts` writes the
+random-legal play that the tiny model is warm-started on (policy.py).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import random
 from pathlib import Path
 
 import games
@@ -113,62 +114,69 @@ class NestedGame(games.Game):
         return self.game.legal_replies(self._seat_map()[seat])
 
 
-# ------------------------------------------------------------------------------------ the comparison
-def compare(argv=None):
-    """Single-game runs, mixed and nested, from the same start with the same seed and the same budget of
-    learner turns; then every model is evaluated on every game, on the train and the held-out split."""
-    import grpo
-    from policy import load_policy
-    p = argparse.ArgumentParser(description="nested vs mixed at equal budgets")
-    p.add_argument("--compare", action="store_true", help="run the comparison (required)")
-    p.add_argument("--games", default="matrix,tictactoe,spy", help="comma-separated games, in nesting order")
-    p.add_argument("--budget-turns", type=int, default=3000, help="learner turns each run may consume")
-    p.add_argument("--eval-games", type=int, default=100, help="evaluation games per game and split")
-    p.add_argument("--seed", type=int, default=0, help="the same seed for every run")
-    p.add_argument("--runs-dir", default="runs/compare", help="where the runs go")
-    p.add_argument("--train-args", default="", help="extra grpo.py arguments for every run, e.g. '--lr 1e-4'")
-    args = p.parse_args(argv)
-    if not args.compare:
-        p.error("pass --compare to run the comparison")
-    try:
-        names = games.game_names(args.games)
-    except ValueError as error:
-        p.error(str(error))
-    runs = {name: ["--games", name] for name in names}
-    runs["mixed"] = ["--games", ",".join(names), "--mode", "mixed"]
-    runs["nested"] = ["--games", ",".join(names), "--mode", "nested"]
-    common = ["--budget-turns", str(args.budget_turns), "--steps", "100000", "--eval-games", "0",
-              "--seed", str(args.seed), *args.train_args.split()]
-    rows = {"warm start": evaluate_all(load_policy("tiny"), names, args)}
-    consumed = {}
-    for label, run_args in runs.items():
-        run = grpo.parse_args([*run_args, *common, "--run-dir", f"{args.runs_dir}/{label}"])
-        learner = grpo.train(run)
-        consumed[label] = [json.loads(line) for line in open(run.run_dir / "metrics.jsonl")][-1]
-        rows[label] = evaluate_all(learner, names, args)
-    table = gift_table(rows, names)
-    print(table)
-    print("\nconsumed: " + "; ".join(f"{k}: {m['step']} steps, {m['total_episodes']} episodes, "
-                                      f"{m['total_learner_turns']} turns, {m['total_learner_tokens']} tokens"
-                                      for k, m in consumed.items()))
-    Path(args.runs_dir, "comparison.md").write_text(table + "\n")
-    return rows
+# ------------------------------------------------------------------------------- what a step plays
+def make_game(name: str, split: str = "train", tictactoe_opponent: str = "random", reward: str = "mean") -> games.Game:
+    """A game by name; "matrix>tictactoe>spy" is a nested game of those games in that order. TicTacToe's
+    scripted seat plays `tictactoe_opponent` (random, expert or eps:P)."""
+    options = {"tictactoe": {"opponent": tictactoe_opponent}}
+    if ">" in name:
+        return NestedGame(name.split(">"), split, reward, options)
+    return games.make(name, split=split, **options.get(name, {}))
 
 
-def evaluate_all(policy, names, args) -> dict:
-    import evaluate
-    return {split: evaluate.score(policy, names, args.eval_games, split) for split in ("train", "test")}
+def step_instances(names: list[str], mode: str, run_seed: int, step: int, n: int) -> list[tuple[str, int]]:
+    """The n (game name, seed) instances of a training step, a pure function of the run's seed and the
+    step (a resumed run replays the same games). nested: every instance chains all the games in order;
+    mixed: each instance is one game, drawn uniformly (so each GRPO group holds one game)."""
+    rng = random.Random(f"{run_seed}:{step}")
+    chosen = [">".join(names) if mode == "nested" else rng.choice(names) for _ in range(n)]
+    return [(name, games.train_seed(run_seed, step, i)) for i, name in enumerate(chosen)]
 
 
-def gift_table(rows: dict, names: list[str]) -> str:
-    """Rows: training runs; columns: each game's success rate on the train and the held-out split."""
-    head = "| trained on | " + " | ".join(f"{n} (train) | {n} (test)" for n in names) + " |"
-    lines = [head, "|---" * (1 + 2 * len(names)) + "|"]
-    for label, result in rows.items():
-        cells = [f"{result[split][n]['win']:.0%}" for n in names for split in ("train", "test")]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def results(episode: games.Game) -> list[tuple[str, str, int]]:
+    """(game, the learner's outcome, its invalid replies) for each game an episode played: one for a single
+    game, one per sub-game of a nested one."""
+    return [(g.name, g.outcome(g.learner_seat), g.invalid[g.learner_seat]) for g in getattr(episode, "subgames", [episode])]
 
 
-if __name__ == "__main__":
-    compare()
+def game_stats(played: list[tuple[str, str, int]]) -> dict[str, float]:
+    """Per game, over the `results` of a step's episodes: the learner's win/draw/loss rates and its invalid
+    replies per game played."""
+    stats = {}
+    for name in sorted({r[0] for r in played}):
+        mine = [r for r in played if r[0] == name]
+        for outcome in ("win", "draw", "loss"):
+            stats[f"{name}/{outcome}"] = sum(r[1] == outcome for r in mine) / len(mine)
+        stats[f"{name}/invalid"] = sum(r[2] for r in mine) / len(mine)
+    return stats
+
+
+def random_transcripts(path: Path, n_per_game: int, seed: int = 0, n_nested: int = 0, step: int = 0) -> Path:
+    """Scripted random-legal play of every game, the learner seat's view as chat JSONL (HF format), then
+    `n_nested` nested episodes (all games chained, in a random order per episode). Game i
+    has the training seed games.train_seed(seed, step, i): never an evaluation game.
+    meta["choices"] lists, per learner turn, every legal reply (None where the reply is free text)."""
+    order = random.Random(seed)
+    plan = [(name, i) for name in games.GAMES for i in range(n_per_game)] + [(None, i) for i in range(n_nested)]
+    with open(path, "w") as f:
+        for name, i in plan:
+            game_seed = games.train_seed(seed, step, i)
+            if name is None:
+                chain = order.sample(list(games.GAMES), len(games.GAMES))
+                name, g = ">".join(chain), NestedGame(chain).reset(game_seed)
+            else:
+                g = games.make(name).reset(game_seed)
+            messages, choices = [], []
+            while not g.done:
+                seat = g.to_move
+                if seat != g.learner_seat:
+                    g.step(seat, g.scripted_reply(seat))
+                    continue
+                choices.append(g.legal_replies(seat))
+                reply = g.random_reply(seat)
+                messages += [{"role": "user", "content": g.prompt(seat)}, {"role": "assistant", "content": reply}]
+                g.step(seat, reply)
+            meta = {"game": name, "seed": game_seed, "player": "random-legal",
+                    "reward": g.rewards[g.learner_seat], "choices": choices}
+            f.write(json.dumps({"messages": messages, "meta": meta}) + "\n")
+    return path

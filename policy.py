@@ -28,15 +28,17 @@ import time
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.utils import logging as hf_logging
 
 import games
+import nested
 
-try:  # transformers' own progress bars would print on every save and load
-    from transformers.utils import logging as _hf_logging
-    _hf_logging.disable_progress_bar()
-except ImportError:
-    pass
+hf_logging.disable_progress_bar()  # transformers' own bars would print on every save and load
 
 CACHE_DIR = Path(os.environ.get("GAME_GRPO_CACHE", Path(__file__).resolve().parent / ".cache"))
 TINY_SPECIAL = ["<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -44,7 +46,7 @@ TINY_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 TINY_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True)
-TINY_VERSION = 11  # bump when anything that shapes the tiny model or its warm start changes
+TINY_VERSION = 12  # bump when anything that shapes the tiny model or its warm start changes
 
 
 # A fixed two-message history: what a chat template inserts for a new user message after an assistant turn
@@ -158,40 +160,11 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool = False, starts: list[int
     return ids, mask, pos
 
 
-def roomy_cache():
-    """A transformers KV cache whose layers write new keys and values into spare room at the end of their
-    buffers. The default DynamicCache concatenates, i.e. copies every row's whole cache once per generated
-    token: with ~1000 cached tokens that copy was a third of a rollout's decoding time."""
-    from transformers.cache_utils import Cache, DynamicLayer
-
-    class RoomyLayer(DynamicLayer):
-        def update(self, keys, values, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(keys, values)
-                self.room_k = self.room_v = None
-            n, length = keys.shape[-2], self.get_seq_length()
-            if self.room_k is None or length + n > self.room_k.shape[-2]:  # double the room, keep what is there
-                room_k = keys.new_empty((*keys.shape[:2], 2 * (length + n) + 64, keys.shape[-1]))
-                room_v = values.new_empty(room_k.shape)
-                if length:
-                    room_k[..., :length, :], room_v[..., :length, :] = self.keys, self.values
-                self.room_k, self.room_v = room_k, room_v
-            self.room_k[..., length:length + n, :], self.room_v[..., length:length + n, :] = keys, values
-            self.keys, self.values = self.room_k[..., :length + n, :], self.room_v[..., :length + n, :]
-            return self.keys, self.values
-
-        def reorder_cache(self, rows):  # rows of the batch (finished rows dropped, a prefill copied)
-            self.select(lambda t: t.index_select(0, rows.to(t.device)))
-
-        def keep_columns(self, index):  # index [rows, width]: the cached positions each row keeps, in order
-            self.select(lambda t: t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])))
-
-        def select(self, pick):
-            if self.get_seq_length() > 0:
-                self.keys, self.values = pick(self.keys), pick(self.values)
-                self.room_k = self.room_v = None  # the next update makes new room
-
-    return Cache(layer_class_to_replicate=RoomyLayer)
+def stream(key) -> torch.Generator:
+    """A random stream named by `key`, e.g. (game seed, member of the GRPO group): the same key gives
+    the same stream on any machine and in any process."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 class ChatBatch:
@@ -200,9 +173,12 @@ class ChatBatch:
     Row r's tokens are `ids[r]`; `sampled[r]` marks the ones the model generated and `logprobs[r]` their
     log-probs at sampling time. Each call to `generate` feeds only what the cache has not seen: the new
     user turn (left-padded so every row ends on a real token) and then one sampled token per step. Rows
-    that sit out a turn get masked padding; rows marked `finished` are dropped from the cache."""
+    that sit out a turn get masked padding; rows marked `finished` are dropped from the cache. Row r
+    samples from its own random stream, named by `keys[r]` (see `stream`), so what it samples does not
+    depend on which other rows share the batch, or the process (grpo.py's ranks)."""
 
-    def __init__(self, policy: Policy, n_rows: int, seed: int = 0):
+    def __init__(self, policy: Policy, keys: list):
+        n_rows = len(keys)
         self.policy, self.n = policy, n_rows
         self.ids = [[] for _ in range(n_rows)]
         self.sampled = [[] for _ in range(n_rows)]
@@ -212,7 +188,7 @@ class ChatBatch:
         self.slot = list(range(n_rows))               # row -> row of the cache, None once dropped
         self.cache, self.mask = None, None
         self.seen = [0] * n_rows                      # real tokens in the cache per row (= next position)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generators = [stream(key) for key in keys]
         self.new_tokens = 0
 
     def _append(self, row, ids, sampled=0, logprobs=None):
@@ -241,21 +217,6 @@ class ChatBatch:
         for i, r in enumerate(keep):
             self.slot[r] = i
 
-    def _compact(self):
-        """Drop the cache's padding: every turn is left-padded to the batch's longest, so without this a row
-        would attend to (and pay for) the padding of all earlier turns. Each row keeps its real positions,
-        in order, right-aligned; positions (RoPE) were applied when the keys were computed, so they hold."""
-        if self.cache is None:
-            return
-        real = self.mask.bool()
-        width = int(real.sum(1).max())
-        if width == real.shape[1]:
-            return
-        index = torch.argsort(real.to(torch.int8), dim=1, stable=True)[:, -width:]  # padding first, then real
-        self.mask = self.mask.gather(1, index)
-        for layer in self.cache.layers:
-            layer.keep_columns(index)
-
     def _forward(self, tokens: dict[int, list[int]]):
         """Feed `tokens[row]` (left-padded to one length) for the given rows, padding for the other live
         rows; return the last position's logits per live cache row."""
@@ -265,16 +226,9 @@ class ChatBatch:
                                  starts=[self.seen[r] for r in live])
         for r, t in tokens.items():
             self.seen[r] += len(t)
-        if self.cache is None:  # the first turn: the G rows of a GRPO group share one prompt; prefill it once
+        if self.cache is None:  # the first turn
             self.cache, self.mask = roomy_cache(), new_mask.to(dev)
-            unique, copies = torch.unique(torch.cat([ids, new_mask, pos], 1), dim=0, return_inverse=True)
-            ids, new_mask, pos = unique.to(dev).split(ids.shape[1], 1)
-            copies = copies.to(dev)
-            with self.policy.autocast():
-                out = self.policy.model(input_ids=ids, attention_mask=new_mask, position_ids=pos,
-                                        past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-            self.cache.reorder_cache(copies)
-            return out.logits[copies, -1].float()
+            return prefill_once(self.policy, ids, new_mask, pos, self.cache)
         self.mask = torch.cat([self.mask, new_mask.to(dev)], 1)
         with self.policy.autocast():
             out = self.policy.model(input_ids=ids.to(dev), attention_mask=self.mask, position_ids=pos.to(dev),
@@ -287,22 +241,23 @@ class ChatBatch:
         rows = list(rows)
         if not rows:
             return []
-        self._compact()
+        drop_cache_padding(self)
         logits = self._forward({r: self.pending[r] for r in rows})
         for r in rows:
             self.pending[r] = []
         replies = {r: [] for r in rows}
         active = list(rows)
         for step in range(max_new_tokens):
+            logp = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1)
             if temperature > 0:
-                logp = torch.log_softmax(logits / temperature, -1)
-                choice = torch.multinomial(logp.exp().cpu(), 1, generator=self.generator).squeeze(1)
+                probs = logp.exp().cpu()
+                choice = {r: int(torch.multinomial(probs[self.slot[r]], 1, generator=self.generators[r])) for r in active}
             else:
-                logp = torch.log_softmax(logits, -1)
-                choice = logp.argmax(-1).cpu()
+                greedy = logp.argmax(-1).cpu()
+                choice = {r: int(greedy[self.slot[r]]) for r in active}
             feed = {}
             for r in active:
-                token = int(choice[self.slot[r]])
+                token = choice[r]
                 replies[r].append(token)
                 self._append(r, [token], 1, [float(logp[self.slot[r], token])])
                 if token in self.policy.stop_ids or step == max_new_tokens - 1:
@@ -324,6 +279,42 @@ class ChatBatch:
             self.messages[r].append({"role": "assistant", "content": text})
             texts.append(text)
         return texts
+
+
+def play(learner: Policy, episodes: list, keys: list, temperature: float = 1.0, max_new_tokens: int = 24,
+         opponent: Policy | None = None) -> ChatBatch:
+    """Play every game in `episodes` to the end, all at once; returns the learner's conversations (row i is
+    episode i, sampling from the random stream named by keys[i]). Each round, every running episode waits
+    on one seat: the learner's rows get their prompts and are answered in one batched call, then the
+    opponent's. Seats other than the learner's are played by `opponent` (a Policy, whose conversation as
+    seat s of episode i is its row i * seats + s) or, without one, by the games' scripted players, in place."""
+    learner_chats = ChatBatch(learner, keys)
+    seats = max(g.num_seats for g in episodes)
+    opponent_chats = None
+    if opponent is not None:
+        opponent_chats = ChatBatch(opponent, [(key, "seat", s) for key in keys for s in range(seats)])
+    running = list(range(len(episodes)))
+    while running:
+        for i in running if opponent_chats is None else []:
+            g = episodes[i]
+            while not g.done and g.to_move != g.learner_seat:
+                g.step(g.to_move, g.scripted_reply(g.to_move))
+        over = [i for i in running if episodes[i].done]
+        learner_chats.finish(over)
+        if opponent_chats is not None:
+            opponent_chats.finish([i * seats + s for i in over for s in range(seats)])
+        running = [i for i in running if not episodes[i].done]
+        learners_turn = [i for i in running if episodes[i].to_move == episodes[i].learner_seat]
+        opponents_turn = [i for i in running if episodes[i].to_move != episodes[i].learner_seat]
+        for chats, turn, rows in ((learner_chats, learners_turn, learners_turn),
+                                  (opponent_chats, opponents_turn, [i * seats + episodes[i].to_move for i in opponents_turn])):
+            if not turn:
+                continue
+            for i, r in zip(turn, rows):
+                chats.add_user(r, episodes[i].prompt(episodes[i].to_move))
+            for i, text in zip(turn, chats.generate(rows, max_new_tokens, temperature)):
+                episodes[i].step(episodes[i].to_move, text)
+    return learner_chats
 
 
 def token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1.0, with_entropy=False,
@@ -382,51 +373,12 @@ def next_token_logprobs(policy: Policy, seqs: list[list[int]], temperature: floa
     return torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1), targets, where
 
 
-def shared_prefix_states(policy: Policy, seqs: list[list[int]], groups: list, where: torch.Tensor) -> torch.Tensor:
-    """The decoder's last hidden states at the positions `where` ([sequences, width - 1]; position t predicts
-    token t + 1), with each group's common prefix computed once: the prefixes go through the decoder as one
-    left-padded batch, their KV cache is copied to every member row, then each row's own suffix follows.
-    The G samples of a GRPO group share their whole first prompt, which is most of a one-turn game."""
-    from transformers import DynamicCache
-    dev = policy.device
-    plan = []  # (member rows, length of their common prefix), each prefix at least 1 token
-    for label in dict.fromkeys(groups):
-        rows = [i for i, g in enumerate(groups) if g == label]
-        longest = min(len(seqs[i]) for i in rows) - 1  # every row keeps at least one token for its suffix
-        p = next((t for t in range(longest) if len({seqs[i][t] for i in rows}) > 1), longest)
-        plan += [(rows, p)] if p > 0 else [([i], len(seqs[i]) - 1) for i in rows]
-    group_of, prefix_of = [0] * len(seqs), [0] * len(seqs)
-    for k, (rows, p) in enumerate(plan):
-        for i in rows:
-            group_of[i], prefix_of[i] = k, p
-    pre_ids, pre_mask, pre_pos = pad([seqs[rows[0]][:p] for rows, p in plan], policy.pad_id, left=True)
-    suf_ids, suf_mask, suf_pos = pad([s[p:] for s, p in zip(seqs, prefix_of)], policy.pad_id, starts=prefix_of)
-    width, suffix_width = pre_ids.shape[1], suf_ids.shape[1]
-    decoder, cache = policy.model.get_decoder(), DynamicCache()
-    prefix = decoder(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev), position_ids=pre_pos.to(dev),
-                     past_key_values=cache, use_cache=True).last_hidden_state
-    group_of, prefix_of = torch.tensor(group_of), torch.tensor(prefix_of)
-    cache.reorder_cache(group_of.to(dev))  # one copy of its group's prefix per row (the gradient sums back)
-    suffix = decoder(input_ids=suf_ids.to(dev), attention_mask=torch.cat([pre_mask[group_of], suf_mask], 1).to(dev),
-                     position_ids=suf_pos.to(dev), past_key_values=cache, use_cache=True).last_hidden_state
-    # Gather position t of row i from its group's prefix (t < p) or from its own suffix (t >= p).
-    row, t = where.cpu().nonzero(as_tuple=True)
-    k, p = group_of[row], prefix_of[row]
-    index = torch.where(t < p, k * width + width - p + t, len(plan) * width + row * suffix_width + t - p)
-    states = torch.cat([prefix.reshape(-1, prefix.shape[-1]), suffix.reshape(-1, suffix.shape[-1])])
-    # index_select, not states[index]: the latter's backward (an accumulating index_put) adds in a
-    # thread-dependent order on CPU, and the same seed must give the same metrics.
-    return states.index_select(0, index.to(dev))
-
-
 # --------------------------------------------------------------------------------- loading models
 def build_tiny_tokenizer(corpus: list[str]):
     """Byte-level BPE: any text round-trips. Every choice a game lists (games.CHOICES: a cell (1,3), a vote
     Player 2, an action 3) is one token of its own, the same in the list as in the reply, so a valid reply
     is a copy of one token from the prompt's last line. With numbers as plain digits, which fill payoff
     tables too, a random-init model took far longer to learn to copy actions and votes than cells."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" ?[A-Za-z][^\s]*|\s+|[^\s]+"), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -444,8 +396,8 @@ def game_corpus(n_per_game: int = 300) -> list[str]:
     """Text of random-legal play on the train split: what the tiny tokenizer learns its merges from."""
     texts = []
     for name in games.GAMES:
-        for seed in range(n_per_game):
-            g = games.make(name).reset(seed)
+        for i in range(n_per_game):
+            g = games.make(name).reset(games.train_seed(0, 0, i))
             while not g.done:
                 reply = g.random_reply(g.to_move)
                 texts += [g.prompt(g.to_move), reply]
@@ -455,7 +407,6 @@ def game_corpus(n_per_game: int = 300) -> list[str]:
 
 def build_tiny(path: Path, seed: int = 0) -> Path:
     """Build the random-init tiny model and its tokenizer at `path` (saved like any Hub model)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
     tokenizer = build_tiny_tokenizer(game_corpus())
     config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **TINY_CONFIG)
@@ -495,7 +446,6 @@ def load_policy(name_or_path: str = "tiny", device: str = "auto", precision: str
     """'tiny' -> the embedded model, warm-started (built and cached on first use); anything else -> a local
     folder or an already-cached Hub model, loaded with AutoModelForCausalLM / AutoTokenizer. The weights
     are float32 whatever `precision` (auto: bf16 compute on a GPU that has it, else fp32)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     dev = pick_device(device)
     path = warm_start() if name_or_path == "tiny" else name_or_path
     try:
@@ -531,36 +481,6 @@ def check_logits(policy: Policy):
 
 
 # ------------------------------------------------------------------------------------ SFT, warm start
-def random_transcripts(path: Path, n_per_game: int, seed: int = 0, n_nested: int = 0) -> Path:
-    """Scripted random-legal play of every game, the learner seat's view as chat JSONL (HF format), then
-    `n_nested` nested episodes (all games chained, in a random order per episode; see nested.py).
-    meta["choices"] lists, per learner turn, every legal reply (None where the reply is free text)."""
-    from nested import NestedGame
-    order = random.Random(seed)
-    plan = [(name, i) for name in games.GAMES for i in range(n_per_game)] + [(None, i) for i in range(n_nested)]
-    with open(path, "w") as f:
-        for name, i in plan:
-            if name is None:
-                chain = order.sample(list(games.GAMES), len(games.GAMES))
-                name, g = ">".join(chain), NestedGame(chain).reset(seed * 1_000_003 + i)
-            else:
-                g = games.make(name).reset(seed * 1_000_003 + i)
-            messages, choices = [], []
-            while not g.done:
-                seat = g.to_move
-                if seat != g.learner_seat:
-                    g.step(seat, g.scripted_reply(seat))
-                    continue
-                choices.append(g.legal_replies(seat))
-                reply = g.random_reply(seat)
-                messages += [{"role": "user", "content": g.prompt(seat)}, {"role": "assistant", "content": reply}]
-                g.step(seat, reply)
-            meta = {"game": name, "seed": seed * 1_000_003 + i, "player": "random-legal",
-                    "reward": g.rewards[g.learner_seat], "choices": choices}
-            f.write(json.dumps({"messages": messages, "meta": meta}) + "\n")
-    return path
-
-
 def encode_conversation(policy: Policy, messages: list[dict], choices: list | None = None,
                         replies: list[list[int]] | None = None):
     """A conversation's token ids and the 0/1 mask of the learner's trained tokens, built turn by turn
@@ -707,9 +627,9 @@ def warm_start(seed: int = 0, **overrides) -> Path:
     start = time.time()
     base = build_tiny(CACHE_DIR / f"tiny-base-{key}", seed)
     policy = load_policy(str(base), device="cpu")
-    rows = read_chats(random_transcripts(CACHE_DIR / f"warmstart-{key}.jsonl", settings["transcripts"], seed,
+    rows = read_chats(nested.random_transcripts(CACHE_DIR / f"warmstart-{key}.jsonl", settings["transcripts"], seed,
                                          settings["nested"]))
-    drill_rows = read_chats(random_transcripts(CACHE_DIR / f"drills-{key}.jsonl", settings["drill_games"], seed + 1))
+    drill_rows = read_chats(nested.random_transcripts(CACHE_DIR / f"drills-{key}.jsonl", settings["drill_games"], seed, step=1))
     rng, batch, lr = random.Random(seed), settings["batch_size"], settings["lr"]
     drills = {name: drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name], settings["mix_choices"])
               for name in games.GAMES}
@@ -728,26 +648,112 @@ def warm_start(seed: int = 0, **overrides) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------------------ speed-ups
+# Each of these changes no number (test_all.py checks each against the plain computation); what each buys
+# was measured on the default nested step (4 x 8 episodes, 2-core CPU) by turning it off.
+class RoomyLayer(DynamicLayer):
+    """A KV-cache layer that writes new keys and values into spare room at the end of its buffers. The
+    default DynamicLayer concatenates, i.e. copies every row's whole cache once per generated token."""
+
+    def update(self, keys, values, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+            self.room_k = self.room_v = None
+        n, length = keys.shape[-2], self.get_seq_length()
+        if self.room_k is None or length + n > self.room_k.shape[-2]:  # double the room, keep what is there
+            room_k = keys.new_empty((*keys.shape[:2], 2 * (length + n) + 64, keys.shape[-1]))
+            room_v = values.new_empty(room_k.shape)
+            if length:
+                room_k[..., :length, :], room_v[..., :length, :] = self.keys, self.values
+            self.room_k, self.room_v = room_k, room_v
+        self.room_k[..., length:length + n, :], self.room_v[..., length:length + n, :] = keys, values
+        self.keys, self.values = self.room_k[..., :length + n, :], self.room_v[..., :length + n, :]
+        return self.keys, self.values
+
+    def reorder_cache(self, rows):  # rows of the batch (finished rows dropped, a prefill copied)
+        self.select(lambda t: t.index_select(0, rows.to(t.device)))
+
+    def keep_columns(self, index):  # index [rows, width]: the cached positions each row keeps, in order
+        self.select(lambda t: t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])))
+
+    def select(self, pick):
+        if self.get_seq_length() > 0:
+            self.keys, self.values = pick(self.keys), pick(self.values)
+            self.room_k = self.room_v = None  # the next update makes new room
+
+
+def roomy_cache() -> Cache:
+    return Cache(layer_class_to_replicate=RoomyLayer)
+
+
+def drop_cache_padding(batch: ChatBatch):
+    """Every turn is left-padded to the batch's longest, so without this a row would attend to (and pay
+    for) the padding of all earlier turns. Each row keeps its real cached positions, in order,
+    right-aligned; positions (RoPE) were applied when the keys were computed, so they hold."""
+    if batch.cache is None:
+        return
+    real = batch.mask.bool()
+    width = int(real.sum(1).max())
+    if width == real.shape[1]:
+        return
+    index = torch.argsort(real.to(torch.int8), dim=1, stable=True)[:, -width:]  # padding first, then real
+    batch.mask = batch.mask.gather(1, index)
+    for layer in batch.cache.layers:
+        layer.keep_columns(index)
+
+
+def prefill_once(policy: Policy, ids, mask, pos, cache):
+    """The first turn: the G rows of a GRPO group share one prompt, so each distinct prompt goes through
+    the model once and its cache rows are copied to the rows that share it. Returns the last position's
+    logits per row."""
+    dev = policy.device
+    unique, copies = torch.unique(torch.cat([ids, mask, pos], 1), dim=0, return_inverse=True)
+    ids, mask, pos = unique.to(dev).split(ids.shape[1], 1)
+    copies = copies.to(dev)
+    with policy.autocast():
+        out = policy.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1)
+    cache.reorder_cache(copies)
+    return out.logits[copies, -1].float()
+
+
+def shared_prefix_states(policy: Policy, seqs: list[list[int]], groups: list, where: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states at the positions `where` ([sequences, width - 1]; position t predicts
+    token t + 1), with each group's common prefix computed once: the prefixes go through the decoder as one
+    left-padded batch, their KV cache is copied to every member row, then each row's own suffix follows.
+    The G samples of a GRPO group share their whole first prompt, which is most of a one-turn game."""
+    dev = policy.device
+    plan = []  # (member rows, length of their common prefix), each prefix at least 1 token
+    for label in dict.fromkeys(groups):
+        rows = [i for i, g in enumerate(groups) if g == label]
+        longest = min(len(seqs[i]) for i in rows) - 1  # every row keeps at least one token for its suffix
+        p = next((t for t in range(longest) if len({seqs[i][t] for i in rows}) > 1), longest)
+        plan += [(rows, p)] if p > 0 else [([i], len(seqs[i]) - 1) for i in rows]
+    group_of, prefix_of = [0] * len(seqs), [0] * len(seqs)
+    for k, (rows, p) in enumerate(plan):
+        for i in rows:
+            group_of[i], prefix_of[i] = k, p
+    pre_ids, pre_mask, pre_pos = pad([seqs[rows[0]][:p] for rows, p in plan], policy.pad_id, left=True)
+    suf_ids, suf_mask, suf_pos = pad([s[p:] for s, p in zip(seqs, prefix_of)], policy.pad_id, starts=prefix_of)
+    width, suffix_width = pre_ids.shape[1], suf_ids.shape[1]
+    decoder, cache = policy.model.get_decoder(), DynamicCache()
+    prefix = decoder(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev), position_ids=pre_pos.to(dev),
+                     past_key_values=cache, use_cache=True).last_hidden_state
+    group_of, prefix_of = torch.tensor(group_of), torch.tensor(prefix_of)
+    cache.reorder_cache(group_of.to(dev))  # one copy of its group's prefix per row (the gradient sums back)
+    suffix = decoder(input_ids=suf_ids.to(dev), attention_mask=torch.cat([pre_mask[group_of], suf_mask], 1).to(dev),
+                     position_ids=suf_pos.to(dev), past_key_values=cache, use_cache=True).last_hidden_state
+    # Gather position t of row i from its group's prefix (t < p) or from its own suffix (t >= p).
+    row, t = where.cpu().nonzero(as_tuple=True)
+    k, p = group_of[row], prefix_of[row]
+    index = torch.where(t < p, k * width + width - p + t, len(plan) * width + row * suffix_width + t - p)
+    states = torch.cat([prefix.reshape(-1, prefix.shape[-1]), suffix.reshape(-1, suffix.shape[-1])])
+    # index_select, not states[index]: the latter's backward (an accumulating index_put) adds in a
+    # thread-dependent order on CPU, and the same seed must give the same metrics.
+    return states.index_select(0, index.to(dev))
+
+
 # ------------------------------------------------------------------------------------------- CLI
-def bench(policy: Policy, batch_sizes=(1, 8, 64), max_new_tokens: int = 32) -> dict[int, float]:
-    """New tokens per second when generating replies to a batch of game prompts (no stop at end of turn)."""
-    results = {}
-    for n in batch_sizes:
-        batch = ChatBatch(policy, n, seed=0)
-        for r in range(n):
-            name = list(games.GAMES)[r % 3]
-            g = games.make(name).reset(r)
-            batch.add_user(r, g.prompt(g.to_move))
-        stop = policy.stop_ids
-        policy.stop_ids = set()  # measure a fixed number of tokens per row
-        start = time.time()
-        batch.generate(list(range(n)), max_new_tokens)
-        policy.stop_ids = stop
-        results[n] = batch.new_tokens / (time.time() - start)
-        print(f"batch {n:>3}: {results[n]:8.0f} new tokens/s (prompt prefill included)")
-    return results
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -3,12 +3,17 @@ import copy
 import json
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import evaluate
 import games
+import grpo
+import nested
+import policy as policy_lib
 
 # ================================================================================================ games
 
@@ -33,7 +38,7 @@ def test_make_rejects_bad_input_with_clear_errors():
         games.make("tictactoe", opponent="eps:1.5")
     with pytest.raises(ValueError, match="bad options"):
         games.make("spy", opponent="expert")
-    assert games.parse_opponent("eps:0.25") == 0.25
+    assert games.opponent_randomness("eps:0.25") == 0.25
 
 
 def _state(game):
@@ -240,7 +245,7 @@ def test_tictactoe_options_opponents_and_openings():
     outcomes = []
     for seed in range(200):
         g = games.make("tictactoe", opponent="expert").reset(seed)
-        games.play(g, ["scripted" if s != g.learner_seat else "random" for s in range(2)])
+        games.play_scripted(g, ["scripted" if s != g.learner_seat else "random" for s in range(2)])
         outcomes.append(g.outcome(g.learner_seat))
     assert "win" not in outcomes
 
@@ -302,7 +307,7 @@ def test_spy_scripted_players_beat_random_describers():
         wins = 0
         for seed in range(n):
             g = games.make("spy").reset(seed)
-            games.play(g, [spy if s == g.spy else civilians for s in range(4)])
+            games.play_scripted(g, [spy if s == g.spy else civilians for s in range(4)])
             wins += g.outcome((g.spy + 1) % 4) == "win"
         return wins / n
     scripted, random_ = civilian_win_rate("scripted", "scripted"), civilian_win_rate("random", "random")
@@ -375,7 +380,6 @@ def test_fuzz_no_reply_raises_or_corrupts_and_every_game_ends(name):
 
 
 # =============================================================================================== policy
-import policy as policy_lib  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -409,7 +413,7 @@ def test_unknown_model_gives_an_offline_hint():
 
 def _multi_turn(tiny, seed=1, temperature=1.0):
     """Four conversations over three turns; some rows sit out a turn, one ends early."""
-    batch = policy_lib.ChatBatch(tiny, 4, seed=seed)
+    batch = policy_lib.ChatBatch(tiny, [(seed, r) for r in range(4)])
     for turn, rows in enumerate([[0, 1, 2], [0, 2, 3], [0, 3]]):
         if turn == 2:
             batch.finish([2])
@@ -438,7 +442,7 @@ def test_the_cache_drops_the_padding_of_earlier_turns(tiny):
     live = [r for r in range(batch.n) if batch.slot[r] is not None]
     longest = max(batch.seen[r] for r in live)
     assert batch.mask.shape[1] > longest  # the last turn was left-padded to the longest row
-    batch._compact()  # what the next generate call starts with
+    policy_lib.drop_cache_padding(batch)  # what the next generate call starts with
     assert batch.mask.shape[1] == batch.cache.get_seq_length() == longest
     assert [int(batch.mask[batch.slot[r]].sum()) for r in live] == [batch.seen[r] for r in live]
 
@@ -478,7 +482,7 @@ def test_encode_conversation_masks_exactly_the_assistant_turns(tiny):
 
 
 def test_sft_learns_a_transcript_file(tiny, tmp_path):
-    data = policy_lib.random_transcripts(tmp_path / "t.jsonl", n_per_game=4)
+    data = nested.random_transcripts(tmp_path / "t.jsonl", n_per_game=4)
     rows = [json.loads(line) for line in open(data)]
     assert {r["meta"]["game"] for r in rows} == set(games.GAMES)
     assert all(m["role"] in ("user", "assistant") for r in rows for m in r["messages"])
@@ -489,11 +493,11 @@ def test_sft_learns_a_transcript_file(tiny, tmp_path):
 
 
 def test_drills_hold_every_legal_reply_and_only_those(tiny, tmp_path):
-    rows = policy_lib.read_chats(policy_lib.random_transcripts(tmp_path / "t.jsonl", n_per_game=6, n_nested=3))
-    nested = [r["meta"]["game"] for r in rows if ">" in r["meta"]["game"]]
-    assert len(nested) == 3 and all(sorted(n.split(">")) == sorted(games.GAMES) for n in nested)
+    rows = policy_lib.read_chats(nested.random_transcripts(tmp_path / "t.jsonl", n_per_game=6, n_nested=3))
+    chains = [r["meta"]["game"] for r in rows if ">" in r["meta"]["game"]]
+    assert len(chains) == 3 and all(sorted(n.split(">")) == sorted(games.GAMES) for n in chains)
     for r in rows:  # the recorded choices are what the game accepts: each one is a valid move there
-        g = grpo.make_game(r["meta"]["game"], "train", "random").reset(r["meta"]["seed"])
+        g = nested.make_game(r["meta"]["game"], "train", "random").reset(r["meta"]["seed"])
         replies = iter(m["content"] for m in r["messages"] if m["role"] == "assistant")
         for legal in r["meta"]["choices"]:
             while g.to_move != g.learner_seat:
@@ -553,7 +557,6 @@ def test_sft_on_branch_targets_learns_the_legal_shares_not_the_drawn_reply(tiny)
 
 
 # ================================================================================================= grpo
-import grpo  # noqa: E402
 
 
 def test_group_advantages_by_hand_and_zero_spread_groups_are_dropped():
@@ -595,16 +598,21 @@ def test_grpo_loss_matches_a_hand_computed_example():
     assert torch.allclose(grad, expected, atol=1e-6)
 
 
-def _args(**kw):
-    ns = grpo.parse_args(["--run-dir", "unused"])
-    for k, v in kw.items():
-        setattr(ns, k, v)
-    return ns
+def _update(learner, reference, optimizer, batch, rows, advantages, minibatches=1, beta=0.04, group_size=8):
+    """grpo.update on `rows` of one process's batch, in minibatches planned as a step plans them."""
+    plan = grpo.plan_minibatches({r: len(batch.ids[r]) for r in rows}, group_size, minibatches, "0:0")
+    tokens = sum(sum(batch.sampled[r]) for r in rows)
+    return grpo.update(learner, reference, optimizer, batch, plan, advantages, tokens / len(plan), grpo.Ranks(),
+                       group_size=group_size, temperature=1.0, eps_low=0.2, eps_high=0.28, beta=beta, aggregation="token")
+
+
+def _instances(args, step):
+    return nested.step_instances(args.games, args.mode, args.seed, step, args.instances)
 
 
 def test_one_update_on_a_rigged_batch_raises_the_rewarded_reply(tiny):
     learner = policy_lib.Policy(copy.deepcopy(tiny.model), tiny.tokenizer, "learner")
-    batch = policy_lib.ChatBatch(learner, 2)
+    batch = policy_lib.ChatBatch(learner, [0, 1])
     replies = ["<answer>1</answer>", "<answer>2</answer>"]
     for r, reply in enumerate(replies):
         batch.add_user(r, "Choose 1 or 2.")
@@ -619,7 +627,7 @@ def test_one_update_on_a_rigged_batch_raises_the_rewarded_reply(tiny):
         return float((lp * torch.tensor(batch.sampled[r][1:], dtype=torch.float)).sum())
     before = [reply_logprob(0), reply_logprob(1)]
     optimizer = torch.optim.AdamW(learner.model.parameters(), lr=1e-3)
-    logs = grpo.update(learner, tiny, optimizer, batch, [0, 1], [1.0, -1.0], _args(minibatches=1))
+    logs = _update(learner, tiny, optimizer, batch, [0, 1], [1.0, -1.0])
     after = [reply_logprob(0), reply_logprob(1)]
     assert after[0] > before[0] + 0.05 and after[1] < before[1] - 0.05
     assert logs["kl"] == pytest.approx(0.0, abs=1e-6) and logs["clip_ratio"] == 0.0  # first step: ratio 1
@@ -649,15 +657,14 @@ def test_warm_start_learns_format_and_rules_not_strategy(warm, tiny):
     noise and another machine's floating point (the Matrix rate moved by 4 points between two draws of 200
     games): at most 10% invalid turns in every game alone, 12% over nested episodes; a random-init model
     has almost no valid ones; and no strategy beyond random-legal play."""
-    import evaluate
     scores = evaluate.score(warm, list(games.GAMES), 200, temperature=1.0, first=10_000)
     untrained = evaluate.score(tiny, list(games.GAMES), 20, temperature=1.0, first=10_000)
     for name, row in scores.items():
         assert row["invalid"] <= 0.10, (name, row)
         assert untrained[name]["invalid"] > row["invalid"] + 0.3, (name, row)
-    episodes = [grpo.make_game("matrix>tictactoe>spy", "train", "random").reset(games.eval_seed(20_000 + i))
+    episodes = [nested.make_game("matrix>tictactoe>spy", "train", "random").reset(games.eval_seed(20_000 + i))
                 for i in range(40)]
-    batch = grpo.rollout(warm, episodes, temperature=1.0, seed=5)
+    batch = policy_lib.play(warm, episodes, [(5, i) for i in range(len(episodes))], temperature=1.0)
     turns = sum(m["role"] == "assistant" for msgs in batch.messages for m in msgs)
     assert sum(g.invalid[0] for g in episodes) <= 0.12 * turns
     # Random-legal play on the same seeds: the warm start is close to it, not to the scripted experts.
@@ -665,8 +672,8 @@ def test_warm_start_learns_format_and_rules_not_strategy(warm, tiny):
     for name in games.GAMES:
         wins = 0
         for i in range(200):
-            g = grpo.make_game(name, "train", "random").reset(games.eval_seed(10_000 + i))
-            games.play(g, ["random" if s == g.learner_seat else "scripted" for s in range(g.num_seats)])
+            g = nested.make_game(name, "train", "random").reset(games.eval_seed(10_000 + i))
+            games.play_scripted(g, ["random" if s == g.learner_seat else "scripted" for s in range(g.num_seats)])
             wins += g.outcome(g.learner_seat) == "win"
         random_rate[name] = wins / 200
     for name in games.GAMES:  # invalid replies cost wins, so the warm start may fall below random-legal
@@ -700,7 +707,6 @@ def test_training_run_logs_checkpoints_and_resumes_exactly(warm, tmp_path):
 
 
 # =============================================================================================== nested
-import nested  # noqa: E402
 
 
 def _nested(seed=0, reward="mean"):
@@ -716,7 +722,7 @@ def test_nested_reward_rules_by_hand():
         nested.NestedGame(["matrix", "spy"], reward="max")
     for rule in nested.NESTED_REWARDS:
         g = _nested(3, rule)
-        games.play(g, ["scripted"] * g.num_seats)
+        games.play_scripted(g, ["scripted"] * g.num_seats)
         assert g.done and g.rewards[0] == pytest.approx(nested.NESTED_REWARDS[rule](g.sub_rewards()))
 
 
@@ -751,7 +757,7 @@ def test_nested_is_reproducible_per_seed():
 
 def test_nested_learner_mask_covers_exactly_the_learner_tokens_across_sub_games(tiny):
     episodes = [_nested(s) for s in range(3)]
-    batch = grpo.rollout(tiny, episodes, temperature=1.0, max_new_tokens=6, seed=0)
+    batch = policy_lib.play(tiny, episodes, list(range(len(episodes))), temperature=1.0, max_new_tokens=6)
     for r, g in enumerate(episodes):
         assert g.done and all(sub.done for sub in g.subgames)  # a random model forfeits, the episode goes on
         ids, sampled = batch.ids[r], batch.sampled[r]
@@ -778,10 +784,10 @@ def test_grpo_modes_from_the_command_line():
     assert grpo.parse_args(["--games", "matrix,spy", "--mode", "mixed"]).mode == "mixed"
     assert grpo.parse_args(["--games", "spy"]).mode == "single"
     args = grpo.parse_args(["--games", "matrix,tictactoe", "--instances", "4"])
-    assert {name for name, _ in grpo.step_instances(args, 0)} == {"matrix>tictactoe"}
+    assert {name for name, _ in _instances(args, 0)} == {"matrix>tictactoe"}
     args = grpo.parse_args(["--games", "matrix,tictactoe", "--mode", "mixed", "--instances", "64"])
-    assert {name for name, _ in grpo.step_instances(args, 0)} == {"matrix", "tictactoe"}
-    assert grpo.step_instances(args, 3) == grpo.step_instances(args, 3) != grpo.step_instances(args, 4)
+    assert {name for name, _ in _instances(args, 0)} == {"matrix", "tictactoe"}
+    assert _instances(args, 3) == _instances(args, 3) != _instances(args, 4)
 
 
 def test_budgeted_run_stops_at_its_budget_and_logs_what_it_consumed(warm, tmp_path, capsys):
@@ -797,16 +803,16 @@ def test_budgeted_run_stops_at_its_budget_and_logs_what_it_consumed(warm, tmp_pa
     assert f"consumed: {metrics[-1]['total_episodes']} episodes, {totals[-1]} learner turns" in capsys.readouterr().out
 
 
-def test_gift_table_has_a_row_per_run_and_train_test_columns_per_game():
+def test_comparison_table_has_a_row_per_arm_with_the_mean_and_spread_over_its_seeds():
     result = lambda m, t: {"train": {"matrix": {"win": m}, "spy": {"win": t}}, "test": {"matrix": {"win": m / 2}, "spy": {"win": t / 2}}}
-    table = nested.gift_table({"warm start": result(0.5, 0.2), "nested": result(0.8, 0.4)}, ["matrix", "spy"])
+    table = evaluate.comparison_table({"start": [result(0.5, 0.2)], "nested": [result(0.8, 0.4), result(0.6, 0.2)]},
+                                      ["matrix", "spy"])
     lines = table.splitlines()
-    assert lines[0] == "| trained on | matrix (train) | matrix (test) | spy (train) | spy (test) |"
-    assert lines[2:] == ["| warm start | 50% | 25% | 20% | 10% |", "| nested | 80% | 40% | 40% | 20% |"]
-
-
-# ============================================================================================= evaluate
-import evaluate  # noqa: E402
+    assert lines[0] == "| trained on | runs | matrix (train) | matrix (test) | spy (train) | spy (test) |"
+    assert lines[2] == "| start | 1 | 50.0 | 25.0 | 20.0 | 10.0 |"
+    # 80 and 60: mean 70, sample standard deviation sqrt(200) = 14.1; halved: 35 and 7.1
+    assert lines[3] == "| nested | 2 | 70.0 ± 14.1 | 35.0 ± 7.1 | 30.0 ± 14.1 | 15.0 ± 7.1 |"
+    assert evaluate.arm_of(Path("runs/compare/nested-min-seed12")) == "nested-min"
 
 
 def test_wilson_interval_matches_known_values():
@@ -871,7 +877,7 @@ def test_logprobs_restricted_to_learner_tokens_match_the_full_computation(tiny):
 def _grouped_conversations(tiny):
     """Two GRPO-like groups of three rows (each group one prompt, sampled three times) over two turns,
     plus a row labelled with group 0 that has a prompt of its own."""
-    batch = policy_lib.ChatBatch(tiny, 7, seed=3)
+    batch = policy_lib.ChatBatch(tiny, [(3, r) for r in range(7)])
     prompts = ["board . X O and more", "another board . . X", "board . X O and more", "a stranger"]
     for r in range(7):
         batch.add_user(r, prompts[min(r // 3, 3)] if r < 6 else prompts[3])
@@ -989,7 +995,7 @@ AWKWARD_REPLIES = ["", "ends in a space ", "ends in a newline\n", "e", "<|im_end
 
 def _family_rollout(policy, seed=0):
     """Three rows over three turns, sampled; some replies are cut at the token limit, some stop."""
-    batch = policy_lib.ChatBatch(policy, 3, seed=seed)
+    batch = policy_lib.ChatBatch(policy, [(seed, r) for r in range(3)])
     for turn in range(3):
         for r in range(3):
             batch.add_user(r, f"Turn {turn} of row {r}. " + games.make("tictactoe").reset(r + turn).prompt(0))
@@ -1109,7 +1115,7 @@ def test_bf16_compute_keeps_float32_master_weights_and_small_updates(families):
     assert (logp - logp_old)[mask.bool()].abs().max() < 0.1  # bf16: close to, not exactly, the sampling values
     norms = {n: p.detach().clone() for n, p in policy.model.named_parameters() if "norm" in n}
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-5)
-    grpo.update(policy, None, optimizer, batch, rows, [1.0, -1.0, 0.5], _args(minibatches=1, beta=0.0, group_size=3))
+    _update(policy, None, optimizer, batch, rows, [1.0, -1.0, 0.5], beta=0.0, group_size=3)
     assert all(p.dtype == torch.float32 for p in policy.model.parameters())
     assert all(s.dtype == torch.float32 for st in optimizer.state.values() for s in st.values() if torch.is_tensor(s) and s.dim())
     # Norm weights are 1.0, where bf16's spacing is 2^-7: a 1e-5 step would round away without master weights.
@@ -1125,8 +1131,7 @@ def test_loss_weighs_every_token_of_the_step_equally_across_minibatches(tiny):
     tokens = [sum(batch.sampled[r][1:]) for r in rows]
     assert max(tokens) > 1.5 * min(tokens)
     optimizer = torch.optim.SGD(learner.model.parameters(), lr=0.0)  # the ratio stays 1: the loss is -A per token
-    logs = grpo.update(learner, None, optimizer, batch, rows, advantages,
-                       _args(minibatches=3, beta=0.0, group_size=1))
+    logs = _update(learner, None, optimizer, batch, rows, advantages, minibatches=3, beta=0.0, group_size=1)
     step_mean = -sum(advantages[r] * n for r, n in zip(rows, tokens)) / sum(tokens)
     assert logs["loss"] == pytest.approx(step_mean, abs=1e-4)
 
@@ -1153,8 +1158,8 @@ def test_training_seeds_never_meet_evaluation_seeds_whatever_the_run_seed():
         for mode in ("nested", "mixed"):
             args = grpo.parse_args(["--seed", str(run_seed), "--mode", mode])
             for step in range(30):
-                for name, seed in grpo.step_instances(args, step):
-                    g = grpo.make_game(name, "train", "random").reset(seed)
+                for name, seed in _instances(args, step):
+                    g = nested.make_game(name, "train", "random").reset(seed)
                     played = {sub.seed for sub in getattr(g, "subgames", [g])} | {seed}
                     assert not played & evaluation, (run_seed, step, name)
-    assert len({s for _, s in grpo.step_instances(grpo.parse_args(["--seed", "2"]), 0)}) == 4
+    assert len({s for _, s in _instances(grpo.parse_args(["--seed", "2"]), 0)}) == 4
