@@ -272,8 +272,9 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
         plan = plan_minibatches({r: everyone[r]["length"] for r in kept}, G, args.minibatches, f"{args.seed}:{step}")
         row_of = {b * G + k: mine.index(b) * G + k for b in mine for k in range(G)}  # step episode -> row of batch
         count = sum(everyone[r]["tokens"] for r in kept) if args.aggregation == "token" else len(kept)
+        mine_advantages = [float(advantages[b, k]) for b in mine for k in range(G)]  # by row of batch
         logs = update(learner, reference, optimizer, batch, [[row_of.get(r) for r in chunk] for chunk in plan],
-                      advantages.flatten().tolist(), count / len(plan), ranks, group_size=G,
+                      mine_advantages, count / len(plan), ranks, group_size=G,
                       temperature=args.temperature, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
                       aggregation=args.aggregation)
     # 6. Log.
