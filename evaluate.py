@@ -44,7 +44,8 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 def play_games(policy, name: str, indices, split: str = "train", opponent: str = "random", temperature: float = 0.0,
                max_new_tokens: int = 24, batch_size: int = 64) -> list[dict]:
     """Play evaluation games `indices` (seeds games.eval_seed(i), which no training run uses) of one game with
-    `policy` in the learner seat and scripted opponents (TicTacToe's: `opponent`); what each game came to."""
+    `policy` in the learner seat and scripted opponents (TicTacToe's: `opponent`, random if it names a
+    language model); what each game came to."""
     episodes = [make_game(name, split, opponent).reset(eval_seed(i)) for i in indices]
     turns = {}
     # Similar prompt lengths share a batch, so little compute goes to padding.
@@ -59,16 +60,16 @@ def play_games(policy, name: str, indices, split: str = "train", opponent: str =
 
 
 def summarize(name: str, played: list[dict]) -> dict:
-    """Win / draw / loss rates and invalid replies per turn, with 95% intervals (Spy: wins by role too)."""
+    """Win / draw / loss rates and invalid replies per turn, with 95% intervals, and wins by role where a
+    game has roles (Spy: civilian or spy; TicTacToe: moving first or second)."""
     n, turns, invalid = len(played), sum(p["turns"] for p in played), sum(p["invalid"] for p in played)
     row = {"n": n, "turns": turns, "invalid": invalid / max(1, turns), "invalid_ci": wilson(invalid, turns)}
     for k in ("win", "draw", "loss"):
         count = sum(p["outcome"] == k for p in played)
         row[k], row[f"{k}_ci"] = count / max(1, n), wilson(count, n)
-    if name == "spy":
-        for role in ("civilian", "spy"):
-            mine = [p for p in played if p["role"] == role]
-            row[f"win_as_{role}"] = sum(p["outcome"] == "win" for p in mine) / max(1, len(mine))
+    for role in sorted({p["role"] for p in played} - {None}):  # Spy: civilian or spy; TicTacToe: first or second
+        mine = [p for p in played if p["role"] == role]
+        row[f"win_as_{role}"], row[f"n_as_{role}"] = sum(p["outcome"] == "win" for p in mine) / len(mine), len(mine)
     return row
 
 
@@ -80,12 +81,13 @@ def score(policy, names, n: int, split: str = "train", opponent: str = "random",
 
 
 def before_after_table(before: dict | None, after: dict) -> str:
-    lines = ["| game | before: win [95% CI] | after: win [95% CI] | after: draw | after: invalid replies |",
-             "|---|---|---|---|---|"]
+    lines = ["| game | before: win [95% CI] | after: win [95% CI] | after: win by role | after: draw | "
+             "after: invalid replies |", "|---|---|---|---|---|---|"]
     with_ci = lambda row: f"{row['win']:.1%} [{row['win_ci'][0]:.1%}, {row['win_ci'][1]:.1%}]"
     for name, row in after.items():
         old = with_ci(before[name]) if before else "-"
-        lines.append(f"| {name} | {old} | {with_ci(row)} | {row['draw']:.1%} | {row['invalid']:.1%} |")
+        roles = ", ".join(f"{k[7:]} {v:.1%}" for k, v in row.items() if k.startswith("win_as_")) or "-"
+        lines.append(f"| {name} | {old} | {with_ci(row)} | {roles} | {row['draw']:.1%} | {row['invalid']:.1%} |")
     return "\n".join(lines)
 
 
@@ -154,7 +156,7 @@ def detail_lines(model: str, row: dict[str, dict]) -> list[str]:
     lines = [f"{model}:"]
     for column, r in row.items():
         ci = lambda k: f"{r[k]:6.1%} [{r[k + '_ci'][0]:.1%}, {r[k + '_ci'][1]:.1%}]"
-        extra = "".join(f"  win as {k}: {r['win_as_' + k]:.1%}" for k in ("civilian", "spy") if f"win_as_{k}" in r)
+        extra = "".join(f"  win as {k[7:]}: {v:.1%}" for k, v in r.items() if k.startswith("win_as_"))
         lines.append(f"  {column:<20} win {ci('win')}  draw {ci('draw')}  loss {ci('loss')}  "
                      f"invalid {ci('invalid')} of {r['turns']} turns{extra}")
     return lines
@@ -179,16 +181,24 @@ def benchmark_score(policy, path: Path) -> dict[str, float]:
     return {"accuracy": correct / max(1, total), "n": total, "ci": wilson(correct, total)}
 
 
+def pyplot():
+    """matplotlib's pyplot (an optional extra, imported only to draw), or None when it is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def plot_curves(run_dir: Path, keys=("reward", "kl", "entropy")) -> str:
     """Learning curves from metrics.jsonl: a PNG if matplotlib is installed, else a text table."""
     metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if line.strip()]
     keys = [k for k in keys if any(k in m for m in metrics)] + sorted(
         {k for m in metrics for k in m if k.endswith("/win")})
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib is not installed (pip install matplotlib for a PNG); the curves as text:")
         rows = [f"{'step':>5} " + " ".join(f"{k:>16}" for k in keys)]
         rows += [f"{m['step']:>5} " + " ".join(f"{m.get(k, float('nan')):>16.3f}" for k in keys) for m in metrics]
@@ -211,13 +221,17 @@ def arm_of(run_dir: Path) -> str:
 
 
 def run_scores(run_dir: Path, names, n: int) -> dict:
-    """A run's final checkpoint on every game, train and held-out split (greedy); kept in the run's folder."""
-    saved = Path(run_dir) / f"scores-{n}.json"
-    if saved.exists() and set(json.loads(saved.read_text())["train"]) >= set(names):
-        return json.loads(saved.read_text())
+    """A run's final checkpoint on every game, train and held-out split (greedy); kept in the run's folder
+    for as long as the checkpoint is the same."""
+    saved, weights = Path(run_dir) / f"scores-{n}.json", Path(run_dir) / "checkpoint" / "model.safetensors"
+    stamp = [weights.stat().st_size, weights.stat().st_mtime_ns]
+    if saved.exists():
+        kept = json.loads(saved.read_text())
+        if kept.get("checkpoint") == stamp and set(kept["train"]) >= set(names):
+            return kept
     policy = load_policy(str(Path(run_dir) / "checkpoint"))
     result = {split: score(policy, names, n, split) for split in ("train", "test")}
-    saved.write_text(json.dumps(result))
+    saved.write_text(json.dumps({**result, "checkpoint": stamp}))
     return result
 
 
@@ -278,11 +292,8 @@ def curves_text_and_png(run_dirs: list[Path], out: Path) -> str:
         keys = [k for k in curve if k != "turns"]
         lines += [f"{arm} (mean over runs, per span of learner turns)", f"{'turns':>8} " + " ".join(f"{k:>15}" for k in keys)]
         lines += [f"{t:>8.0f} " + " ".join(f"{curve[k][i]:>15.3f}" for k in keys) for i, t in enumerate(curve["turns"])]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "\n".join(lines + ["(pip install matplotlib for a PNG)"])
     keys = list(dict.fromkeys(k for c in curves.values() for k in c if k != "turns"))
     fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3), squeeze=False)

@@ -347,6 +347,7 @@ class TicTacToe(Game):
         self.learner_seat = self.rng.randrange(2)
         self.marks = ("X", "O") if self.rng.random() < 0.5 else ("O", "X")
         self.to_move = self.rng.randrange(2)
+        self.roles = ["first" if s == self.to_move else "second" for s in range(2)]  # who moves first
         for _ in range(self.opening_rounds * 2):  # one random move by each side before the real game
             self._place(self.to_move, self.rng.choice(self.legal_moves()))
         return self

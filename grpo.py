@@ -52,7 +52,8 @@ import policy as policy_lib
 
 # ---------------------------------------------------------------------------------- hyper-parameters
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--games", default="matrix,tictactoe,spy", help="comma-separated games to train on")
     p.add_argument("--model", default="tiny", help="'tiny' (embedded, warm-started) or a local model folder")
     p.add_argument("--mode", default=None, choices=["nested", "mixed"],
@@ -79,12 +80,14 @@ def parse_args(argv=None):
     p.add_argument("--minibatches", type=int, default=2, help="optimizer steps per rollout batch")
     p.add_argument("--aggregation", default="token", choices=["token", "sequence"],
                    help="loss mean over all learner tokens, or per sequence then over sequences")
-    p.add_argument("--scale-rewards", default="group", choices=["group", "none"], help="divide advantages by the group std")
+    p.add_argument("--scale-rewards", default="group", choices=["group", "none"],
+                   help="divide advantages by the group std")
     p.add_argument("--top-groups", type=float, default=1.0, help="keep only this fraction of groups, by reward spread")
     p.add_argument("--max-new-tokens", type=int, default=24, help="cap on generated tokens per turn")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     p.add_argument("--eval-games", type=int, default=400, help="held-out games per game before and after (0: skip)")
-    p.add_argument("--seed", type=int, default=0, help="fixes the games, the sampling and the minibatch order (the tiny model's initial weights have their own fixed seed)")
+    p.add_argument("--seed", type=int, default=0, help="fixes the games, the sampling and the minibatch order "
+                   "(the tiny model's initial weights have their own fixed seed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="compute precision; weights and optimizer state stay float32 (auto: bf16 on a GPU that has it)")
@@ -92,16 +95,18 @@ def parse_args(argv=None):
                    help="let templates with a thinking switch (Qwen3) think; off by default, as replies are short")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in backward: less memory for long nested conversations, slower")
-    p.add_argument("--run-dir", default=None, help="where metrics, transcripts and checkpoints go (default runs/<mode>-<games>-seed<seed>)")
+    p.add_argument("--run-dir", default=None,
+                   help="where metrics, transcripts and checkpoints go (default runs/<mode>-<games>-seed<seed>)")
     p.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps")
     p.add_argument("--transcripts", type=int, default=2, help="learner transcripts saved per step")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     args = p.parse_args(argv)
     try:
         args.games = games.game_names(args.games)
-        check_opponent(args.opponent)
+        nested.check_opponent(args.opponent)
         if args.group_size < 2:
-            raise ValueError(f"--group-size must be at least 2 (GRPO compares episodes within a group), got {args.group_size}")
+            raise ValueError("--group-size must be at least 2 (GRPO compares episodes within a group), "
+                             f"got {args.group_size}")
         if args.seed < 0:
             raise ValueError("--seed must be non-negative")
         for name in ("steps", "instances", "minibatches", "max_new_tokens"):
@@ -116,24 +121,6 @@ def parse_args(argv=None):
     args.mode = "single" if len(args.games) == 1 else (args.mode or "nested")
     args.run_dir = Path(args.run_dir or f"runs/{args.mode}-{'-'.join(args.games)}-seed{args.seed}")
     return args
-
-
-def is_llm_opponent(spec: str) -> bool:
-    return spec == "self" or spec.startswith("model:")
-
-
-def check_opponent(spec: str):
-    if (is_llm_opponent(spec) and spec != "model:") or spec in ("random", "expert"):
-        return
-    try:
-        games.opponent_randomness(spec)
-    except ValueError:
-        raise ValueError(f"--opponent must be random, expert, eps:P (0<=P<=1), self or model:PATH; got {spec!r}") from None
-
-
-def scripted_opponent(spec: str) -> str:
-    """TicTacToe's scripted player for the games: the spec itself, or random where LLMs play the other seats."""
-    return "random" if is_llm_opponent(spec) else spec
 
 
 # ---------------------------------------------------------------------------------------------- GRPO
@@ -224,12 +211,14 @@ def update(learner, reference, optimizer, batch, minibatches, advantages, normal
             logp, entropy = policy_lib.token_logprobs(learner, seqs, temperature, with_entropy=True, only=mask,
                                                       groups=groups)
             adv = torch.tensor([advantages[r] for r in rows], device=dev)
-            loss, diag = grpo_loss(logp, logp_old, logp_ref, adv, mask, eps_low, eps_high, beta, aggregation, normalizer)
+            loss, diag = grpo_loss(logp, logp_old, logp_ref, adv, mask, eps_low, eps_high, beta, aggregation,
+                                   normalizer)
             loss.backward()
             seconds["policy_s"] += time.time() - started
             log_ratio = (logp - logp_old).detach()
-            for key, value in (("loss", loss), ("kl", diag["kl"]), ("clip_ratio", diag["clipped"]), ("entropy", entropy),
-                               ("approx_kl", (log_ratio.exp() - 1) - log_ratio), ("tokens", torch.ones_like(mask))):
+            for key, value in (("loss", loss), ("kl", diag["kl"]), ("clip_ratio", diag["clipped"]),
+                               ("entropy", entropy), ("approx_kl", (log_ratio.exp() - 1) - log_ratio),
+                               ("tokens", torch.ones_like(mask))):
                 sums[key] += float(value.detach() if key == "loss" else (value.detach() * mask).sum())
         started = time.time()
         ranks.sum_gradients(learner.model.parameters())
@@ -250,45 +239,49 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
     G = args.group_size
     # 1. Plan: the step's B instances; this rank plays instances rank, rank + N, ... (whole groups).
     instances = nested.step_instances(args.games, args.mode, args.seed, step, args.instances)
-    mine = list(range(ranks.rank, args.instances, ranks.world))
-    episodes = [nested.make_game(instances[b][0], "train", scripted_opponent(args.opponent), args.nested_reward)
-                .reset(instances[b][1]) for b in mine for _ in range(G)]
+    my_instances = list(range(ranks.rank, args.instances, ranks.world))
+    episodes = [nested.make_game(instances[b][0], "train", args.opponent, args.nested_reward)
+                .reset(instances[b][1]) for b in my_instances for _ in range(G)]
     # 2. Play. Each episode samples from its own stream, named by its instance's seed and its place in the group.
-    keys = [(instances[b][1], k) for b in mine for k in range(G)]
+    keys = [(instances[b][1], k) for b in my_instances for k in range(G)]
     batch = policy_lib.play(learner, episodes, keys, args.temperature, args.max_new_tokens, opponent)
     rollout_seconds = time.time() - started
     # 3. Rewards of every episode of the step, from every rank, in instance order.
-    summaries = ranks.gather_instances(
-        [[episode_summary(g, batch, i * G + k) for k, g in enumerate(episodes[i * G:(i + 1) * G])] for i in range(len(mine))],
-        args.instances)
-    everyone = [s for group in summaries for s in group]
-    rewards = torch.tensor([[s["reward"] for s in group] for group in summaries])
+    my_summaries = [[episode_summary(episodes[row], batch, row) for row in range(i * G, (i + 1) * G)]
+                    for i in range(len(my_instances))]
+    group_summaries = ranks.gather_instances(my_summaries, args.instances)
+    all_summaries = [s for group in group_summaries for s in group]
+    rewards = torch.tensor([[s["reward"] for s in group] for group in group_summaries])
     # 4. Advantages per group; groups without a reward spread are dropped.
     advantages, keep = group_advantages(rewards, args.scale_rewards, args.top_groups)
     kept = [b * G + k for b in range(args.instances) if keep[b] for k in range(G)]
     # 5. Update: minibatches planned over the step's episodes alike on every rank, each rank training its own.
     logs = {}
     if kept:
-        plan = plan_minibatches({r: everyone[r]["length"] for r in kept}, G, args.minibatches, f"{args.seed}:{step}")
-        row_of = {b * G + k: mine.index(b) * G + k for b in mine for k in range(G)}  # step episode -> row of batch
-        count = sum(everyone[r]["tokens"] for r in kept) if args.aggregation == "token" else len(kept)
-        mine_advantages = [float(advantages[b, k]) for b in mine for k in range(G)]  # by row of batch
+        plan = plan_minibatches({r: all_summaries[r]["length"] for r in kept}, G, args.minibatches,
+                                f"{args.seed}:{step}")
+        # episode b * G + k of the step -> its row of this rank's batch (None: another rank's)
+        row_of = {b * G + k: i * G + k for i, b in enumerate(my_instances) for k in range(G)}
+        count = sum(all_summaries[r]["tokens"] for r in kept) if args.aggregation == "token" else len(kept)
+        my_advantages = [float(advantages[b, k]) for b in my_instances for k in range(G)]  # by row of batch
         logs = update(learner, reference, optimizer, batch, [[row_of.get(r) for r in chunk] for chunk in plan],
-                      mine_advantages, count / len(plan), ranks, group_size=G,
+                      my_advantages, count / len(plan), ranks, group_size=G,
                       temperature=args.temperature, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
                       aggregation=args.aggregation)
     # 6. Log.
-    turns, tokens = sum(s["turns"] for s in everyone), sum(s["tokens"] for s in everyone)
+    turns, tokens = sum(s["turns"] for s in all_summaries), sum(s["tokens"] for s in all_summaries)
     totals["turns"] += turns
     totals["tokens"] += tokens
-    totals["episodes"] += len(everyone)
+    totals["episodes"] += len(all_summaries)
     if ranks.main:
         save_transcripts(args, step, episodes, batch)
     new_tokens, slowest_rollout = ranks.sum([batch.new_tokens])[0], ranks.max(rollout_seconds)
-    return {"step": step + 1, "reward": rewards.mean().item(), "reward_std": rewards.std(1, unbiased=False).mean().item(),
+    return {"step": step + 1, "reward": rewards.mean().item(),
+            "reward_std": rewards.std(1, unbiased=False).mean().item(),
             "frac_reward_zero_std": (rewards.std(1) == 0).float().mean().item(),
-            "completion_length": tokens / len(everyone), "episode_tokens": float(np.mean([s["length"] for s in everyone])),
-            **logs, **nested.game_stats([r for s in everyone for r in s["results"]]),
+            "completion_length": tokens / len(all_summaries),
+            "episode_tokens": float(np.mean([s["length"] for s in all_summaries])),
+            **logs, **nested.game_stats([r for s in all_summaries for r in s["results"]]),
             "learner_turns": turns, "learner_tokens": tokens, "total_episodes": totals["episodes"],
             "total_learner_turns": totals["turns"], "total_learner_tokens": totals["tokens"],
             "tokens_per_s": new_tokens / slowest_rollout, "rollout_s": slowest_rollout, "step_s": time.time() - started}
@@ -344,8 +337,10 @@ def setup(args, ranks):
         step, totals = state["step"], state["totals"]
     if ranks.main:
         args.run_dir.mkdir(parents=True, exist_ok=True)
-        for name, step_of in (("metrics.jsonl", lambda m: m["step"]), ("transcripts.jsonl", lambda t: t["meta"]["step"])):
-            keep_lines_up_to(args.run_dir / name, step if args.resume else 0, step_of)
+        keep_lines_up_to(args.run_dir / "metrics.jsonl", step, lambda m: m["step"])
+        keep_lines_up_to(args.run_dir / "transcripts.jsonl", step, lambda t: t["meta"]["step"])
+        if not args.resume:  # a fresh run in an old folder: its evaluation before training is redone too
+            (args.run_dir / "before.json").unlink(missing_ok=True)
         (args.run_dir / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
                                                               for k, v in vars(args).items()}, indent=1))
     return learner, reference, opponent, optimizer, step, totals
@@ -362,15 +357,15 @@ def save_checkpoint(learner, optimizer, args, step, totals, ranks):
     if ranks.main:
         state = {"step": step, "totals": totals, "optimizer": optimizer.state_dict(), "python": random.getstate(),
                  "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        policy_lib.save_atomic(learner.model, learner.tokenizer, args.run_dir / "checkpoint", {"trainer_state.pt": state})
+        policy_lib.save_atomic(learner.model, learner.tokenizer, args.run_dir / "checkpoint",
+                               {"trainer_state.pt": state})
     ranks.barrier()  # no rank runs ahead of a checkpoint that it may have to resume from
 
 
 def held_out_scores(learner, args, ranks) -> dict:
     """Held-out games of every game, split between the ranks, scored together."""
-    opponent = scripted_opponent(args.opponent)
     return {name: evaluate.summarize(name, [r for part in ranks.gather(evaluate.play_games(
-        learner, name, range(ranks.rank, args.eval_games, ranks.world), opponent=opponent)) for r in part])
+        learner, name, range(ranks.rank, args.eval_games, ranks.world), opponent=args.opponent)) for r in part])
         for name in args.games}
 
 

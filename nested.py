@@ -115,10 +115,26 @@ class NestedGame(games.Game):
 
 
 # ------------------------------------------------------------------------------- what a step plays
-def make_game(name: str, split: str = "train", tictactoe_opponent: str = "random", reward: str = "mean") -> games.Game:
+def is_llm_opponent(spec: str) -> bool:
+    return spec == "self" or spec.startswith("model:")
+
+
+def check_opponent(spec: str):
+    """ValueError unless `spec` names an opponent: random, expert, eps:P, self or model:PATH."""
+    if (is_llm_opponent(spec) and spec != "model:") or spec in ("random", "expert"):
+        return
+    try:
+        games.opponent_randomness(spec)
+    except ValueError:
+        raise ValueError("--opponent must be random, expert, eps:P (0<=P<=1), self or model:PATH; "
+                         f"got {spec!r}") from None
+
+
+def make_game(name: str, split: str = "train", opponent: str = "random", reward: str = "mean") -> games.Game:
     """A game by name; "matrix>tictactoe>spy" is a nested game of those games in that order. TicTacToe's
-    scripted seat plays `tictactoe_opponent` (random, expert or eps:P)."""
-    options = {"tictactoe": {"opponent": tictactoe_opponent}}
+    scripted seat plays `opponent` (random, expert or eps:P; random where language models play the other
+    seats: self or model:PATH)."""
+    options = {"tictactoe": {"opponent": "random" if is_llm_opponent(opponent) else opponent}}
     if ">" in name:
         return NestedGame(name.split(">"), split, reward, options)
     return games.make(name, split=split, **options.get(name, {}))
@@ -136,7 +152,8 @@ def step_instances(names: list[str], mode: str, run_seed: int, step: int, n: int
 def results(episode: games.Game) -> list[tuple[str, str, int]]:
     """(game, the learner's outcome, its invalid replies) for each game an episode played: one for a single
     game, one per sub-game of a nested one."""
-    return [(g.name, g.outcome(g.learner_seat), g.invalid[g.learner_seat]) for g in getattr(episode, "subgames", [episode])]
+    played = getattr(episode, "subgames", [episode])
+    return [(g.name, g.outcome(g.learner_seat), g.invalid[g.learner_seat]) for g in played]
 
 
 def game_stats(played: list[tuple[str, str, int]]) -> dict[str, float]:

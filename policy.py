@@ -3,11 +3,13 @@ multi-turn generation that keeps each conversation's KV cache; exact token log-p
 
     python policy.py warmstart              # build the tiny model and warm-start it (cached in .cache/)
     python policy.py sft --model PATH --data transcripts.jsonl --out DIR   # SFT on any transcript file
-    python policy.py bench --model tiny     # generation throughput at batch sizes 1, 8 and 64
 
 The tiny model is a Llama-style `transformers` model of 1.4 M parameters with a byte-level BPE
 tokenizer trained (with `tokenizers`) on game text. It starts random, so it is warm-started by SFT on
 transcripts of random-legal play: it learns the format and the rules, not the strategy.
+
+Reading order: Policy (chat conventions), ChatBatch and play (the rollout), token_logprobs (training
+log-probs), loading, the tiny model and its warm start; the speed-ups come last, each with what it buys.
 
 Training sequences are built from the exact token ids: each user turn is the chunk the model's own chat
 template inserts for it (read off the template after a fixed reference history, Policy.user_turn_ids), each
@@ -25,6 +27,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,6 +42,9 @@ import games
 import nested
 
 hf_logging.disable_progress_bar()  # transformers' own bars would print on every save and load
+# transformers 5.2x renames the forward's `past_key_values` to `cache` and warns on every call; earlier 5.x
+# releases know only the old name, which works up to 5.40 (requirements.txt stops below it).
+warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
 CACHE_DIR = Path(os.environ.get("GAME_GRPO_CACHE", Path(__file__).resolve().parent / ".cache"))
 TINY_SPECIAL = ["<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -227,8 +233,10 @@ class ChatBatch:
         for r, t in tokens.items():
             self.seen[r] += len(t)
         if self.cache is None:  # the first turn
-            self.cache, self.mask = roomy_cache(), new_mask.to(dev)
-            return prefill_once(self.policy, ids, new_mask, pos, self.cache)
+            self.cache, self.mask = roomy_cache() if SPEED_UPS["roomy_cache"] else DynamicCache(), new_mask.to(dev)
+            if SPEED_UPS["prefill_once"]:
+                return prefill_once(self.policy, ids, new_mask, pos, self.cache)
+            self.mask = self.mask[:, :0]  # the prompt's mask is appended below, as every later turn's
         self.mask = torch.cat([self.mask, new_mask.to(dev)], 1)
         with self.policy.autocast():
             out = self.policy.model(input_ids=ids.to(dev), attention_mask=self.mask, position_ids=pos.to(dev),
@@ -241,7 +249,8 @@ class ChatBatch:
         rows = list(rows)
         if not rows:
             return []
-        drop_cache_padding(self)
+        if SPEED_UPS["drop_cache_padding"]:
+            drop_cache_padding(self)
         logits = self._forward({r: self.pending[r] for r in rows})
         for r in rows:
             self.pending[r] = []
@@ -306,8 +315,9 @@ def play(learner: Policy, episodes: list, keys: list, temperature: float = 1.0, 
         running = [i for i in running if not episodes[i].done]
         learners_turn = [i for i in running if episodes[i].to_move == episodes[i].learner_seat]
         opponents_turn = [i for i in running if episodes[i].to_move != episodes[i].learner_seat]
+        opponent_rows = [i * seats + episodes[i].to_move for i in opponents_turn]
         for chats, turn, rows in ((learner_chats, learners_turn, learners_turn),
-                                  (opponent_chats, opponents_turn, [i * seats + episodes[i].to_move for i in opponents_turn])):
+                                  (opponent_chats, opponents_turn, opponent_rows)):
             if not turn:
                 continue
             for i, r in zip(turn, rows):
@@ -327,6 +337,8 @@ def token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1
     all begin with (the group's prompt) through the decoder once and share its keys and values."""
     if checkpointing(policy.model) and policy.model.training:
         groups = None  # checkpointed layers keep no KV cache in training mode, so no prefix can be shared
+    if not SPEED_UPS["shared_prefix"]:
+        groups = None
     logp_all, targets, where = next_token_logprobs(policy, seqs, temperature, only, groups)
     picked = logp_all.gather(-1, targets[..., None]).squeeze(-1)
     entropy = None
@@ -377,8 +389,8 @@ def next_token_logprobs(policy: Policy, seqs: list[list[int]], temperature: floa
 def build_tiny_tokenizer(corpus: list[str]):
     """Byte-level BPE: any text round-trips. Every choice a game lists (games.CHOICES: a cell (1,3), a vote
     Player 2, an action 3) is one token of its own, the same in the list as in the reply, so a valid reply
-    is a copy of one token from the prompt's last line. With numbers as plain digits, which fill payoff
-    tables too, a random-init model took far longer to learn to copy actions and votes than cells."""
+    is a copy of one token from the prompt's last line (plain digits would be ambiguous: payoff tables are
+    full of them)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" ?[A-Za-z][^\s]*|\s+|[^\s]+"), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -556,9 +568,8 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
     The rate warms up over 20 steps, then stays, then falls linearly to 0 over the last `decay` fraction of
     the steps. Returns the loss per step."""
     # Every epoch: shuffle, then sort each run of 8 batches' worth by length and cut it into batches. Similar
-    # lengths waste little on padding, and each batch still mixes games: batches sorted over the whole set
-    # held one kind of example each (all Matrix drills, all nested episodes), and the model was pulled from
-    # game to game step by step.
+    # lengths waste little on padding, and each batch still mixes games (a batch of one kind of example, all
+    # Matrix drills say, pulls the model towards that game for a step).
     rng, plan = random.Random(seed), []
     for _ in range(math.ceil(epochs)):
         order = rng.sample(range(len(examples)), len(examples))
@@ -569,8 +580,8 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
         plan += rng.sample(batches, len(batches))
     steps = max(1, int(len(plan) / math.ceil(epochs) * epochs))
     model = policy.model.train()
-    # beta2 = 0.95 and a constant rate after warm-up (until the decay): a random-init model learns to copy
-    # from its prompt (a legal move from the list of free cells) several times sooner than with the defaults.
+    # beta2 = 0.95 and a constant rate after warm-up (until the decay): a random-init model learns sooner to
+    # copy from its prompt (a legal move from the list its prompt ends with) than with the defaults.
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 20, (steps - s) / (decay * steps + 1e-9)))
@@ -629,7 +640,8 @@ def warm_start(seed: int = 0, **overrides) -> Path:
     policy = load_policy(str(base), device="cpu")
     rows = read_chats(nested.random_transcripts(CACHE_DIR / f"warmstart-{key}.jsonl", settings["transcripts"], seed,
                                          settings["nested"]))
-    drill_rows = read_chats(nested.random_transcripts(CACHE_DIR / f"drills-{key}.jsonl", settings["drill_games"], seed, step=1))
+    drill_rows = read_chats(nested.random_transcripts(CACHE_DIR / f"drills-{key}.jsonl", settings["drill_games"], seed,
+                                                      step=1))
     rng, batch, lr = random.Random(seed), settings["batch_size"], settings["lr"]
     drills = {name: drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name], settings["mix_choices"])
               for name in games.GAMES}
@@ -649,8 +661,16 @@ def warm_start(seed: int = 0, **overrides) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ speed-ups
-# Each of these changes no number (test_all.py checks each against the plain computation); what each buys
-# was measured on the default nested step (4 x 8 episodes, 2-core CPU) by turning it off.
+# Each changes no number (test_all.py turns each off and compares); what each buys is the default nested
+# step's time (4 x 8 episodes, 2-core CPU) with all on against the same step with that one off.
+SPEED_UPS = {
+    "roomy_cache": True,         # new keys and values go into spare room: no copy of the cache per token
+    "drop_cache_padding": True,  # each turn starts without the padding of earlier turns
+    "prefill_once": True,        # a group's shared first prompt goes through the model once
+    "shared_prefix": True,       # training log-probs run a group's common prefix once (and its gradient)
+}
+
+
 class RoomyLayer(DynamicLayer):
     """A KV-cache layer that writes new keys and values into spare room at the end of its buffers. The
     default DynamicLayer concatenates, i.e. copies every row's whole cache once per generated token."""
@@ -672,9 +692,6 @@ class RoomyLayer(DynamicLayer):
 
     def reorder_cache(self, rows):  # rows of the batch (finished rows dropped, a prefill copied)
         self.select(lambda t: t.index_select(0, rows.to(t.device)))
-
-    def keep_columns(self, index):  # index [rows, width]: the cached positions each row keeps, in order
-        self.select(lambda t: t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])))
 
     def select(self, pick):
         if self.get_seq_length() > 0:
@@ -698,8 +715,12 @@ def drop_cache_padding(batch: ChatBatch):
         return
     index = torch.argsort(real.to(torch.int8), dim=1, stable=True)[:, -width:]  # padding first, then real
     batch.mask = batch.mask.gather(1, index)
+    pick = lambda t: t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))
     for layer in batch.cache.layers:
-        layer.keep_columns(index)
+        if isinstance(layer, RoomyLayer):
+            layer.select(pick)
+        else:
+            layer.keys, layer.values = pick(layer.keys), pick(layer.values)
 
 
 def prefill_once(policy: Policy, ids, mask, pos, cache):

@@ -1,6 +1,7 @@
 """The test suite: `python -m pytest -q test_all.py`. Tiny model, tiny budgets; truths worked out by hand."""
 import copy
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -779,6 +780,62 @@ def test_nested_learner_mask_covers_exactly_the_learner_tokens_across_sub_games(
         assert all(h.split("\n")[0] in masked_text for h in handovers)
 
 
+# Two processes on this machine with gloo, started as a user starts them: torchrun.
+DDP_ARGS = ["--games", "matrix,tictactoe,spy", "--instances", "3", "--group-size", "3", "--eval-games", "4",
+            "--max-new-tokens", "8", "--save-every", "2"]
+
+
+def _torchrun(n, run_dir, steps, extra=(), wait=True):
+    import subprocess
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "grpo.py",
+               *DDP_ARGS, "--steps", str(steps), "--run-dir", str(run_dir), *extra]
+    process = subprocess.Popen(command, cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    if not wait:
+        return process
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-3000:]
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+def _weights(run_dir, checkpoint=True):
+    from safetensors.torch import load_file
+    return load_file(run_dir / "checkpoint" / "model.safetensors" if checkpoint else run_dir / "model.safetensors")
+
+
+def test_two_ranks_make_the_update_of_one_process_and_log_checkpoint_and_resume_like_it(warm, tmp_path):
+    one = _torchrun(1, tmp_path / "one", 3)
+    _torchrun(2, tmp_path / "two", 2)
+    two = _torchrun(2, tmp_path / "two", 3, ["--resume"])  # two steps, then a resumed third
+    assert [m["step"] for m in two] == [1, 2, 3]
+    timing = {"tokens_per_s", "step_s", "rollout_s", "reference_s", "policy_s"}
+    for a, b in zip(one, two):  # the same episodes and the same update, up to the order of float sums
+        assert set(a) == set(b)
+        assert all(b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-4) for k in a if k not in timing), (a, b)
+    w0, w1, w2 = _weights(policy_lib.warm_start(), checkpoint=False), _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    moved = max(float((w1[k] - w0[k]).abs().max()) for k in w1)  # ~6e-4: six AdamW steps at lr 1e-4
+    assert moved > 1e-4 and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 0.1 * moved
+    for name in ("metrics.jsonl", "transcripts.jsonl", "before_after.md", "config.json"):  # rank 0's files
+        assert (tmp_path / "two" / name).exists()
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_rank_that_dies_ends_the_run_with_a_clear_error_not_a_hang(warm, tmp_path):
+    import signal
+    import time as clock
+    process = _torchrun(2, tmp_path / "run", 1000, wait=False)
+    metrics, started = tmp_path / "run" / "metrics.jsonl", clock.time()
+    while not (metrics.exists() and metrics.read_text().strip()):  # both ranks are training
+        assert process.poll() is None and clock.time() - started < 300
+        clock.sleep(0.5)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    workers = [int(p) for p in children if b"grpo.py" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    output = process.communicate(timeout=120)[0]  # ends within two minutes
+    assert process.returncode != 0 and "FAILED" in output and "SIGKILL" in output, output[-3000:]
+
+
 def test_grpo_modes_from_the_command_line():
     assert grpo.parse_args(["--games", "matrix,spy"]).mode == "nested"
     assert grpo.parse_args(["--games", "matrix,spy", "--mode", "mixed"]).mode == "mixed"
@@ -918,6 +975,29 @@ def test_a_groups_prompt_is_prefilled_once_and_sampling_is_unchanged(tiny, monke
     assert all(w == 7 for w in widths[1:])  # then every row has its own tokens
     assert again.ids == batch.ids  # and the rows sharing a prefill still sample their own replies
     assert len({tuple(again.ids[r]) for r in (0, 1, 2)}) > 1
+
+
+@pytest.mark.parametrize("speed_up", list(policy_lib.SPEED_UPS))
+def test_each_speed_up_changes_no_number(tiny, monkeypatch, speed_up):
+    """Rollouts (turns of different lengths, a finished row, groups sharing their prompt) and the training
+    log-probs and gradients of grouped sequences: the same with every speed-up on and with this one off."""
+    def run():
+        multi = _multi_turn(tiny)
+        batch, groups = _grouped_conversations(tiny)
+        seqs, mask, _ = grpo.training_tensors(batch, list(range(7)))
+        tiny.model.zero_grad()
+        logp = policy_lib.token_logprobs(tiny, seqs, only=mask, groups=groups)
+        (logp * mask).sum().backward()
+        grads = [p.grad.clone() for p in tiny.model.parameters()]
+        tiny.model.zero_grad()
+        return multi.ids + batch.ids, multi.logprobs + batch.logprobs, logp.detach(), grads
+    fast = run()
+    monkeypatch.setitem(policy_lib.SPEED_UPS, speed_up, False)
+    plain = run()
+    assert plain[0] == fast[0]  # the same tokens sampled
+    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(plain[1], fast[1]))
+    assert torch.allclose(plain[2], fast[2], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(plain[3], fast[3]))
 
 
 # ====================================================================================== any chat model
