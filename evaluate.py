@@ -298,9 +298,9 @@ def curves_text_and_png(run_dirs: list[Path], out: Path) -> str:
     keys = list(dict.fromkeys(k for c in curves.values() for k in c if k != "turns"))
     fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for arm, curve in curves.items():
+        for index, (arm, curve) in enumerate(curves.items()):  # one colour per arm in every panel
             if key in curve:
-                ax.plot(curve["turns"], curve[key], marker=".", label=arm)
+                ax.plot(curve["turns"], curve[key], marker=".", label=arm, color=f"C{index}")
         ax.set_title(key)
         ax.set_xlabel("learner turns")
     axes[0][0].legend(fontsize=7)
