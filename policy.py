@@ -304,10 +304,10 @@ def play(learner: Policy, episodes: list, keys: list, temperature: float = 1.0, 
         opponent_chats = ChatBatch(opponent, [(key, "seat", s) for key in keys for s in range(seats)])
     running = list(range(len(episodes)))
     while running:
-        for i in running if opponent_chats is None else []:
-            g = episodes[i]
-            while not g.done and g.to_move != g.learner_seat:
-                g.step(g.to_move, g.scripted_reply(g.to_move))
+        if opponent_chats is None:  # scripted seats move at once, until the learner is to move or the game ends
+            for g in (episodes[i] for i in running):
+                while not g.done and g.to_move != g.learner_seat:
+                    g.step(g.to_move, g.scripted_reply(g.to_move))
         over = [i for i in running if episodes[i].done]
         learner_chats.finish(over)
         if opponent_chats is not None:

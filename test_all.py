@@ -798,9 +798,9 @@ def _torchrun(n, run_dir, steps, extra=(), wait=True):
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
 
-def _weights(run_dir, checkpoint=True):
+def _weights(model_dir):
     from safetensors.torch import load_file
-    return load_file(run_dir / "checkpoint" / "model.safetensors" if checkpoint else run_dir / "model.safetensors")
+    return load_file(model_dir / "model.safetensors")
 
 
 def test_two_ranks_make_the_update_of_one_process_and_log_checkpoint_and_resume_like_it(warm, tmp_path):
@@ -812,7 +812,8 @@ def test_two_ranks_make_the_update_of_one_process_and_log_checkpoint_and_resume_
     for a, b in zip(one, two):  # the same episodes and the same update, up to the order of float sums
         assert set(a) == set(b)
         assert all(b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-4) for k in a if k not in timing), (a, b)
-    w0, w1, w2 = _weights(policy_lib.warm_start(), checkpoint=False), _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    w0, w1, w2 = (_weights(d) for d in (policy_lib.warm_start(), tmp_path / "one" / "checkpoint",
+                                        tmp_path / "two" / "checkpoint"))
     moved = max(float((w1[k] - w0[k]).abs().max()) for k in w1)  # ~6e-4: six AdamW steps at lr 1e-4
     assert moved > 1e-4 and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 0.1 * moved
     for name in ("metrics.jsonl", "transcripts.jsonl", "before_after.md", "config.json"):  # rank 0's files
