@@ -133,8 +133,12 @@ class Game:
     def scripted_reply(self, seat: int) -> str: ...
     def legal_replies(self, seat: int) -> list[str] | None: ...  # every valid reply, None for free text
 
+    def random_replies(self, seat: int) -> list[str]:
+        """What random play draws from, uniformly: the legal replies, or a game's pool where they are free text."""
+        return self.legal_replies(seat)
+
     def random_reply(self, seat: int) -> str:
-        return self.opponent_rng.choice(self.legal_replies(seat))
+        return self.opponent_rng.choice(self.random_replies(seat))
 
 
 # ---------------------------------------------------------------------------------------------- Matrix
@@ -635,16 +639,15 @@ class Spy(Game):
         before the voter's, so which number is missing can be read from the end of the prompt."""
         return [(seat + d) % 4 for d in (1, 2, 3)]
 
-    def random_reply(self, seat):
-        """A random vote, or a description with a random attribute of the seat's word pair: shared, its own
-        word's or the partner's, uniformly, so one time in three it points at the other word. A pretrained
-        model knows what a word evokes; the tiny model learns only this from random play (warm start), and
-        which attributes are safe to say, and whom to vote for, is left to GRPO."""
+    def random_replies(self, seat):
+        """A vote, or a description that is one attribute of the seat's word pair: shared, its own word's or
+        the partner's, so one time in three it points at the other word. A pretrained model knows what a word
+        evokes; the tiny model learns only this from random play (warm start), and which attributes are safe
+        to say, and whom to vote for, is left to GRPO."""
         if self.phase < self.ROUNDS:
             pair = PAIR_OF[self.words[seat]]
-            choices = pair["shared"] + [a for w in pair["words"] for a in pair[w]]
-            return answer(self.opponent_rng.choice(choices))
-        return super().random_reply(seat)
+            return [answer(a) for a in pair["shared"] + [a for w in pair["words"] for a in pair[w]]]
+        return self.legal_replies(seat)
 
 
 GAMES = {"matrix": MatrixGame, "tictactoe": TicTacToe, "spy": Spy}

@@ -113,6 +113,9 @@ class NestedGame(games.Game):
     def legal_replies(self, seat: int) -> list[str] | None:
         return self.game.legal_replies(self._seat_map()[seat])
 
+    def random_replies(self, seat: int) -> list[str]:
+        return self.game.random_replies(self._seat_map()[seat])
+
 
 # ------------------------------------------------------------------------------- what a step plays
 def is_llm_opponent(spec: str) -> bool:
@@ -172,7 +175,8 @@ def random_transcripts(path: Path, n_per_game: int, seed: int = 0, n_nested: int
     """Scripted random-legal play of every game, the learner seat's view as chat JSONL (HF format), then
     `n_nested` nested episodes (all games chained, in a random order per episode). Game i
     has the training seed games.train_seed(seed, step, i): never an evaluation game.
-    meta["choices"] lists, per learner turn, every legal reply (None where the reply is free text)."""
+    meta["choices"] lists, per learner turn, the replies random play drew from (games.Game.random_replies);
+    meta["free"] says where the reply was free text (those are a pool, not every legal reply)."""
     order = random.Random(seed)
     plan = [(name, i) for name in games.GAMES for i in range(n_per_game)] + [(None, i) for i in range(n_nested)]
     with open(path, "w") as f:
@@ -183,17 +187,18 @@ def random_transcripts(path: Path, n_per_game: int, seed: int = 0, n_nested: int
                 name, g = ">".join(chain), NestedGame(chain).reset(game_seed)
             else:
                 g = games.make(name).reset(game_seed)
-            messages, choices = [], []
+            messages, choices, free = [], [], []
             while not g.done:
                 seat = g.to_move
                 if seat != g.learner_seat:
                     g.step(seat, g.scripted_reply(seat))
                     continue
-                choices.append(g.legal_replies(seat))
+                choices.append(g.random_replies(seat))
+                free.append(g.legal_replies(seat) is None)
                 reply = g.random_reply(seat)
                 messages += [{"role": "user", "content": g.prompt(seat)}, {"role": "assistant", "content": reply}]
                 g.step(seat, reply)
             meta = {"game": name, "seed": game_seed, "player": "random-legal",
-                    "reward": g.rewards[g.learner_seat], "choices": choices}
+                    "reward": g.rewards[g.learner_seat], "choices": choices, "free": free}
             f.write(json.dumps({"messages": messages, "meta": meta}) + "\n")
     return path

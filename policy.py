@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 import warnings
@@ -52,7 +53,7 @@ TINY_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 TINY_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True)
-TINY_VERSION = 12  # bump when anything that shapes the tiny model or its warm start changes
+TINY_VERSION = 15  # bump when anything that shapes the tiny model or its warm start changes
 
 
 # A fixed two-message history: what a chat template inserts for a new user message after an assistant turn
@@ -405,15 +406,20 @@ def build_tiny_tokenizer(corpus: list[str]):
 
 
 def game_corpus(n_per_game: int = 300) -> list[str]:
-    """Text of random-legal play on the train split: what the tiny tokenizer learns its merges from."""
+    """Text of random-legal play on the train split, cut at the answer tags as the tokenizer will cut it
+    (they are added tokens): what the tiny tokenizer learns its merges from. Each turn adds every reply
+    random play could have given there, not only the one it gave: a word inside a reply has no space
+    before it, unlike the same word in a prompt, and the rarer spaceless form would otherwise be cut into
+    fragments (a Spy description spelt out in pieces that the model must learn to assemble)."""
+    tags = re.compile(f"{re.escape(games.ANSWER_OPEN)}|{re.escape(games.ANSWER_CLOSE)}")
     texts = []
     for name in games.GAMES:
         for i in range(n_per_game):
             g = games.make(name).reset(games.train_seed(0, 0, i))
             while not g.done:
-                reply = g.random_reply(g.to_move)
-                texts += [g.prompt(g.to_move), reply]
-                g.step(g.to_move, reply)
+                for text in [g.prompt(g.to_move), *g.random_replies(g.to_move)]:
+                    texts += [piece for piece in tags.split(text) if piece]
+                g.step(g.to_move, g.random_reply(g.to_move))
     return texts
 
 
@@ -546,17 +552,22 @@ def conversation_examples(policy: Policy, rows: list[dict]) -> list:
     return [encode_conversation(policy, r["messages"], r.get("meta", {}).get("choices")) for r in rows]
 
 
-def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4) -> list:
+def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4, free: bool = False) -> list:
     """Single-turn examples (ids, mask, branches, number of legal replies) of the learner turns with at most
     `max_choices` legal replies (meta["choices"]). Why: with most of the 9 cells free, copying a listed cell
     gains little over guessing any cell, and a random-init model trained on whole games never starts to copy
-    (its mass on legal cells stays at the free fraction, ~0.7); with 1-4 choices left the gain is large."""
+    (its mass on legal cells stays at the free fraction, ~0.7); with 1-4 choices left the gain is large.
+    free=True: the free-text turns instead (a Spy description, meta["free"]), with 0 legal replies listed:
+    nothing to copy, but the words random play uses for each secret word to learn by heart."""
     examples = []
     for r in rows:
+        meta = r.get("meta", {})
         turns = [i for i, m in enumerate(r["messages"]) if m["role"] == "assistant"]
-        for i, legal in zip(turns, r.get("meta", {}).get("choices") or [None] * len(turns)):
-            if legal and len(legal) <= max_choices:
-                examples.append((*encode_conversation(policy, r["messages"][i - 1:i + 1], [legal]), len(legal)))
+        for i, pool, is_free in zip(turns, meta.get("choices") or [None] * len(turns),
+                                    meta.get("free") or [False] * len(turns)):
+            if pool and (is_free if free else not is_free and len(pool) <= max_choices):
+                examples.append((*encode_conversation(policy, r["messages"][i - 1:i + 1], [pool]),
+                                 0 if free else len(pool)))
     return examples
 
 
@@ -613,17 +624,19 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
 
 # The warm start's recipe. transcripts: random-legal games of each game; nested: nested episodes of all the
 # games (a random order each); drill_games: more random games of each game, whose turns with at most
-# mix_choices legal replies make the drills. Phase 1: drill_steps steps on the drills with at most
-# drill_choices, as many of each game. Phase 2: `epochs` passes over the transcripts with drills mixed in (half
-# the transcripts' number, as many of each game), the rate falling linearly to 0 over the second half.
-WARM_START = dict(transcripts=500, nested=125, drill_games=1500, drill_choices=4, mix_choices=6, drill_steps=900,
+# mix_choices legal replies, and whose free-text turns, make the drills. Phase 1: drill_steps steps on the
+# drills with at most drill_choices, as many of each game (and of free text). Phase 2: `epochs` passes over
+# the transcripts with drills mixed in (half the transcripts' number, as many of each), the rate falling
+# linearly to 0 over the second half.
+WARM_START = dict(transcripts=500, nested=125, drill_games=1500, drill_choices=4, mix_choices=6, drill_steps=1200,
                   epochs=2.0, batch_size=32, lr=1e-3)
 
 
 def warm_start(seed: int = 0, **overrides) -> Path:
     """The tiny model after SFT on random-legal play; built once, cached under .cache/ and reused.
     1. Drills: single turns with few legal replies (a cell among the last free ones, an action, a vote), as
-       many of each game, until the model copies a reply from the list its prompt ends with. Why first:
+       many of each game, until the model copies a reply from the list its prompt ends with; and as many
+       free-text turns (Spy descriptions: the attributes of the secret word's pair). Why first:
        with most of the 9 cells free, copying a listed cell gains little over guessing any cell, and a
        random-init model trained on whole games alone never starts to copy.
     2. Transcripts: whole games, alone and nested in one conversation (a game after others, as GRPO's
@@ -645,12 +658,13 @@ def warm_start(seed: int = 0, **overrides) -> Path:
     rng, batch, lr = random.Random(seed), settings["batch_size"], settings["lr"]
     drills = {name: drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name], settings["mix_choices"])
               for name in games.GAMES}
+    drills["free text"] = drill_examples(policy, drill_rows, free=True)
     few = {name: [e for e in d if e[3] <= settings["drill_choices"]] for name, d in drills.items()}
     copying = [e for d in few.values() for e in rng.sample(d, min(len(x) for x in few.values()))]  # as many of each
     losses = sft(policy, copying, settings["drill_steps"] * batch / len(copying), batch, lr, seed,
                  desc="warm start 1/2: drills")
     examples = conversation_examples(policy, rows)
-    per_game = min(len(examples) // 6, *(len(d) for d in drills.values()))  # as many of each game
+    per_game = min(len(examples) // (2 * len(drills)), *(len(d) for d in drills.values()))  # as many of each
     examples += [e for d in drills.values() for e in rng.sample(d, per_game)]
     losses += sft(policy, examples, settings["epochs"], batch, lr, seed, decay=0.5, desc="warm start 2/2: transcripts")
     save_atomic(policy.model, policy.tokenizer, path)
@@ -787,23 +801,17 @@ def main():
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--batch-size", type=int, default=8, help="conversations per step")
-    p = sub.add_parser("bench", help="generation throughput")
-    p.add_argument("--model", default="tiny", help="'tiny' or a local model folder")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per row")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.command == "warmstart":
         print(warm_start(seed=args.seed))
-    elif args.command == "sft":
+    else:
         if not Path(args.data).is_file():
             parser.error(f"no such transcript file: {args.data}")
         policy = load_policy(args.model)
         losses = sft(policy, conversation_examples(policy, read_chats(Path(args.data))), args.epochs, args.batch_size, args.lr)
         save_atomic(policy.model, policy.tokenizer, Path(args.out))
         print(f"{len(losses)} steps, last loss {losses[-1]:.3f}, saved to {args.out}")
-    else:
-        print(f"{args.model}: {sum(p.numel() for p in load_policy(args.model).model.parameters()):,} parameters")
-        bench(load_policy(args.model), max_new_tokens=args.max_new_tokens)
 
 
 if __name__ == "__main__":

@@ -403,6 +403,12 @@ def test_tiny_tokenizer_round_trips_any_text_and_has_chat_tokens(tiny):
             tok.convert_tokens_to_ids(games.ANSWER_OPEN), token, tok.convert_tokens_to_ids(games.ANSWER_CLOSE)]
     rendered = tiny.render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert rendered == "<|user|>hi<|end|><|assistant|>"
+    # Inside a reply (no space before its first word) every Spy description of a training pair is one token
+    # per word: words the model can say whole, not fragments to assemble.
+    for pair in games.SPY_PAIRS["train"]:
+        for attribute in pair["shared"] + [a for w in pair["words"] for a in pair[w]]:
+            in_reply = tok(games.answer(attribute), add_special_tokens=False)["input_ids"][1:-1]
+            assert len(in_reply) == len(attribute.split()), (attribute, tok.convert_ids_to_tokens(in_reply))
     n_params = sum(p.numel() for p in tiny.model.parameters())
     assert 1_000_000 < n_params < 10_000_000
 
@@ -497,7 +503,7 @@ def test_drills_hold_every_legal_reply_and_only_those(tiny, tmp_path):
     rows = policy_lib.read_chats(nested.random_transcripts(tmp_path / "t.jsonl", n_per_game=6, n_nested=3))
     chains = [r["meta"]["game"] for r in rows if ">" in r["meta"]["game"]]
     assert len(chains) == 3 and all(sorted(n.split(">")) == sorted(games.GAMES) for n in chains)
-    for r in rows:  # the recorded choices are what the game accepts: each one is a valid move there
+    for r in rows:  # the recorded choices (what random play drew from) are each a valid move there
         g = nested.make_game(r["meta"]["game"], "train", "random").reset(r["meta"]["seed"])
         replies = iter(m["content"] for m in r["messages"] if m["role"] == "assistant")
         for legal in r["meta"]["choices"]:
@@ -679,6 +685,23 @@ def test_warm_start_learns_format_and_rules_not_strategy(warm, tiny):
         random_rate[name] = wins / 200
     for name in games.GAMES:  # invalid replies cost wins, so the warm start may fall below random-legal
         assert scores[name]["win"] < random_rate[name] + 0.1, (name, scores[name]["win"], random_rate[name])
+    # Spy descriptions are attributes of the secret word's pair, as random play says them; a random-init
+    # model's descriptions are not.
+    assert _spy_descriptions_in_pair(warm) >= 0.4
+    assert _spy_descriptions_in_pair(tiny) < 0.05
+
+
+def _spy_descriptions_in_pair(model, n: int = 100) -> float:
+    """The share of a model's Spy descriptions (temperature 1) that are one attribute of its word's pair."""
+    episodes = [nested.make_game("spy").reset(games.eval_seed(30_000 + i)) for i in range(n)]
+    batch = policy_lib.play(model, episodes, [g.seed for g in episodes], temperature=1.0, max_new_tokens=8)
+    said = []
+    for g, messages in zip(episodes, batch.messages):
+        pair = games.PAIR_OF[g.words[g.learner_seat]]
+        pool = pair["shared"] + [a for w in pair["words"] for a in pair[w]]
+        said += [games.parse_answer(m["content"]) in pool for m in messages
+                 if m["role"] == "assistant" and "Player" not in m["content"]]
+    return sum(said) / len(said)
 
 
 def _run(model, tmp_path, steps, extra=()):
