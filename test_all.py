@@ -659,21 +659,21 @@ def warm():
 
 def test_warm_start_learns_format_and_rules_not_strategy(warm, tiny):
     """Valid replies at temperature 1, each game alone and inside nested episodes. Measured with the default
-    recipe (seed 0; Matrix / TicTacToe / Spy; 200 games alone and 100 nested episodes, another draw): 98.5 /
-    95.5 / 100% alone, 99.0 / 92.5 / 99.0% nested; this test's draw: 2.4 / 4.7 / 0.2% invalid alone, 4.7%
-    over nested episodes. Asserted with room for sampling noise and another machine's floating point: at
-    most 10% invalid turns in every game alone, 12% over nested episodes; a random-init model has almost
-    no valid ones; and no strategy beyond random-legal play."""
+    recipe for seeds 0, 1, 2 (Matrix / TicTacToe / Spy; 200 games alone and 100 nested episodes, another
+    draw): alone 100 / 91.5-95.7 / 99.2-99.5% valid, nested 100 / 86.8-94.3 / 91.7-95.2%, over all nested turns
+    90.2-95.2%. Asserted with room for the spread between seeds, which stands in for another machine's
+    floating point: at most 15% invalid turns in every game alone and over nested episodes; a random-init
+    model has almost no valid ones; and no strategy beyond random-legal play."""
     scores = evaluate.score(warm, list(games.GAMES), 200, temperature=1.0, first=10_000)
     untrained = evaluate.score(tiny, list(games.GAMES), 20, temperature=1.0, first=10_000)
     for name, row in scores.items():
-        assert row["invalid"] <= 0.10, (name, row)
+        assert row["invalid"] <= 0.15, (name, row)
         assert untrained[name]["invalid"] > row["invalid"] + 0.3, (name, row)
     episodes = [nested.make_game("matrix>tictactoe>spy", "train", "random").reset(games.eval_seed(20_000 + i))
                 for i in range(40)]
     batch = policy_lib.play(warm, episodes, [(5, i) for i in range(len(episodes))], temperature=1.0)
     turns = sum(m["role"] == "assistant" for msgs in batch.messages for m in msgs)
-    assert sum(g.invalid[0] for g in episodes) <= 0.12 * turns
+    assert sum(g.invalid[0] for g in episodes) <= 0.15 * turns
     # Random-legal play on the same seeds: the warm start is close to it, not to the scripted experts.
     random_rate = {}
     for name in games.GAMES:
