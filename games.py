@@ -18,7 +18,8 @@ Every prompt that asks for a choice ends with the list of them (games.CHOICES), 
 
 Every seat can be played without a language model: `game.scripted_reply(seat)` is the game's scripted
 opponent (the expert answer for Matrix, random/expert/eps:P for TicTacToe, the lexicon player for Spy) and
-`game.random_reply(seat)` a uniformly random legal move. `python games.py` prints one transcript of each
+`game.random_reply(seat)` a uniformly random one of `game.random_replies(seat)` (the legal moves; for a Spy
+description, an attribute of the word's pair). `python games.py` prints one transcript of each
 game (`python evaluate.py --baselines 1000` measures scripted and random play).
 """
 from __future__ import annotations
