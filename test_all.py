@@ -499,6 +499,20 @@ def test_sft_learns_a_transcript_file(tiny, tmp_path):
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
 
 
+def test_free_text_drills_are_the_spy_descriptions_with_the_pool_as_target(tiny, tmp_path):
+    rows = policy_lib.read_chats(nested.random_transcripts(tmp_path / "t.jsonl", n_per_game=4))
+    spy = [r for r in rows if r["meta"]["game"] == "spy"]
+    drills = policy_lib.drill_examples(tiny, rows, free=True)
+    assert len(drills) == 2 * len(spy)  # random play is never invalid: two descriptions per game, no votes
+    for (ids, mask, branches, n_listed), pool in zip(drills, [c for r in spy for c, f in
+                                                               zip(r["meta"]["choices"], r["meta"]["free"]) if f]):
+        assert n_listed == 0 and len(pool) == 9
+        first = min(t for t, m in enumerate(mask) if m)  # the reply's first token: <answer>, then the word
+        shares = branches[first + 1]
+        firsts = [tiny.reply_ids(a)[1] for a in pool]
+        assert shares == {t: firsts.count(t) / 9 for t in set(firsts)}
+
+
 def test_drills_hold_every_legal_reply_and_only_those(tiny, tmp_path):
     rows = policy_lib.read_chats(nested.random_transcripts(tmp_path / "t.jsonl", n_per_game=6, n_nested=3))
     chains = [r["meta"]["game"] for r in rows if ">" in r["meta"]["game"]]
