@@ -495,6 +495,13 @@ WORD_PAIRS = _parse_lexicon(LEXICON_TEXT)
 SPY_PAIRS = {"train": [p for i, p in enumerate(WORD_PAIRS) if i % 5 != 4],   # every fifth pair is held out
              "test": [p for i, p in enumerate(WORD_PAIRS) if i % 5 == 4]}
 PAIR_OF = {w: p for p in WORD_PAIRS for w in p["words"]}
+
+
+def pair_attributes(pair: dict) -> list[str]:
+    """Every attribute in a word pair's lexicon line: the shared ones, then the first word's, the second's."""
+    return pair["shared"] + [a for w in pair["words"] for a in pair[w]]
+
+
 MAX_DESCRIPTION_WORDS = 12
 
 
@@ -646,8 +653,7 @@ class Spy(Game):
         evokes; the tiny model learns only this from random play (warm start), and which attributes are safe
         to say, and whom to vote for, is left to GRPO."""
         if self.phase < self.ROUNDS:
-            pair = PAIR_OF[self.words[seat]]
-            return [answer(a) for a in pair["shared"] + [a for w in pair["words"] for a in pair[w]]]
+            return [answer(a) for a in pair_attributes(PAIR_OF[self.words[seat]])]
         return self.legal_replies(seat)
 
 

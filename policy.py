@@ -664,8 +664,8 @@ def warm_start(seed: int = 0, **overrides) -> Path:
     losses = sft(policy, copying, settings["drill_steps"] * batch / len(copying), batch, lr, seed,
                  desc="warm start 1/2: drills")
     examples = conversation_examples(policy, rows)
-    per_game = min(len(examples) // (2 * len(drills)), *(len(d) for d in drills.values()))  # as many of each
-    examples += [e for d in drills.values() for e in rng.sample(d, per_game)]
+    per_kind = min(len(examples) // (2 * len(drills)), *(len(d) for d in drills.values()))  # as many of each
+    examples += [e for d in drills.values() for e in rng.sample(d, per_kind)]
     losses += sft(policy, examples, settings["epochs"], batch, lr, seed, decay=0.5, desc="warm start 2/2: transcripts")
     save_atomic(policy.model, policy.tokenizer, path)
     shutil.rmtree(base, ignore_errors=True)

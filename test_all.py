@@ -406,7 +406,7 @@ def test_tiny_tokenizer_round_trips_any_text_and_has_chat_tokens(tiny):
     # Inside a reply (no space before its first word) every Spy description of a training pair is one token
     # per word: words the model can say whole, not fragments to assemble.
     for pair in games.SPY_PAIRS["train"]:
-        for attribute in pair["shared"] + [a for w in pair["words"] for a in pair[w]]:
+        for attribute in games.pair_attributes(pair):
             in_reply = tok(games.answer(attribute), add_special_tokens=False)["input_ids"][1:-1]
             assert len(in_reply) == len(attribute.split()), (attribute, tok.convert_ids_to_tokens(in_reply))
     n_params = sum(p.numel() for p in tiny.model.parameters())
@@ -711,8 +711,7 @@ def _spy_descriptions_in_pair(model, n: int = 100) -> float:
     batch = policy_lib.play(model, episodes, [g.seed for g in episodes], temperature=1.0, max_new_tokens=8)
     said = []
     for g, messages in zip(episodes, batch.messages):
-        pair = games.PAIR_OF[g.words[g.learner_seat]]
-        pool = pair["shared"] + [a for w in pair["words"] for a in pair[w]]
+        pool = games.pair_attributes(games.PAIR_OF[g.words[g.learner_seat]])
         said += [games.parse_answer(m["content"]) in pool for m in messages
                  if m["role"] == "assistant" and "Player" not in m["content"]]
     return sum(said) / len(said)
