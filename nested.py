@@ -171,13 +171,17 @@ def game_stats(played: list[tuple[str, str, int]]) -> dict[str, float]:
     return stats
 
 
-def random_transcripts(path: Path, n_per_game: int, seed: int = 0, n_nested: int = 0, step: int = 0) -> Path:
+def random_transcripts(path: Path, n_per_game: int, seed: int = 0, n_nested: int = 0, step: int = 0,
+                       mistakes: float = 0.0) -> Path:
     """Scripted random-legal play of every game, the learner seat's view as chat JSONL (HF format), then
     `n_nested` nested episodes (all games chained, in a random order per episode). Game i
     has the training seed games.train_seed(seed, step, i): never an evaluation game.
     meta["choices"] lists, per learner turn, the replies random play drew from (games.Game.random_replies);
-    meta["free"] says where the reply was free text (those are a pool, not every legal reply)."""
-    order = random.Random(seed)
+    meta["free"] says where the reply was free text (those are a pool, not every legal reply).
+    mistakes: the chance that a turn with listed choices first gets a listed choice that is not legal there
+    (a taken cell, another game's answer), so that the game's retry prompt follows; that reply's
+    meta["choices"] is None. Random-legal play never errs, so without these no transcript shows a retry."""
+    order, errs = random.Random(seed), random.Random(f"{seed} mistakes")
     plan = [(name, i) for name in games.GAMES for i in range(n_per_game)] + [(None, i) for i in range(n_nested)]
     with open(path, "w") as f:
         for name, i in plan:
@@ -193,8 +197,16 @@ def random_transcripts(path: Path, n_per_game: int, seed: int = 0, n_nested: int
                 if seat != g.learner_seat:
                     g.step(seat, g.scripted_reply(seat))
                     continue
+                legal = g.legal_replies(seat)
+                if legal and mistakes and errs.random() < mistakes:
+                    wrong = errs.choice([r for r in map(games.answer, games.CHOICES) if r not in legal])
+                    messages += [{"role": "user", "content": g.prompt(seat)}, {"role": "assistant", "content": wrong}]
+                    choices.append(None)
+                    free.append(False)
+                    if g.step(seat, wrong):
+                        raise AssertionError(f"{g.name} accepted {wrong!r}, which is not among its legal replies")
                 choices.append(g.random_replies(seat))
-                free.append(g.legal_replies(seat) is None)
+                free.append(legal is None)
                 reply = g.random_reply(seat)
                 messages += [{"role": "user", "content": g.prompt(seat)}, {"role": "assistant", "content": reply}]
                 g.step(seat, reply)

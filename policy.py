@@ -53,7 +53,7 @@ TINY_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 TINY_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True)
-TINY_VERSION = 15  # bump when anything that shapes the tiny model or its warm start changes
+TINY_VERSION = 16  # bump when anything that shapes the tiny model or its warm start changes
 
 
 # A fixed two-message history: what a chat template inserts for a new user message after an assistant turn
@@ -391,9 +391,10 @@ def build_tiny_tokenizer(corpus: list[str]):
     """Byte-level BPE: any text round-trips. Every choice a game lists (games.CHOICES: a cell (1,3), a vote
     Player 2, an action 3) is one token of its own, the same in the list as in the reply, so a valid reply
     is a copy of one token from the prompt's last line (plain digits would be ambiguous: payoff tables are
-    full of them)."""
+    full of them). A pre-token is a run of non-spaces with the space before it, a digit or a board's '.'
+    as much as a word: a separate token for each space made every prompt a fifth longer."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" ?[A-Za-z][^\s]*|\s+|[^\s]+"), behavior="isolated"),
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" ?[^\s]+|\s+"), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=TINY_SPECIAL, show_progress=False,
@@ -624,19 +625,28 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
 
 # The warm start's recipe. transcripts: random-legal games of each game; nested: nested episodes of all the
 # games (a random order each); drill_games: more random games of each game, whose turns with at most
-# mix_choices legal replies, and whose free-text turns, make the drills. Phase 1: drill_steps steps on the
-# drills with at most drill_choices, as many of each game (and of free text). Phase 2: `epochs` passes over
-# the transcripts with drills mixed in (half the transcripts' number, as many of each), the rate falling
-# linearly to 0 over the second half.
+# mix_choices legal replies, and whose free-text turns, make the drills; in these, a `mistakes` share of the
+# turns with listed choices first get an invalid reply, so that their drill is the game's retry prompt and a
+# legal reply (random play never errs: without these, no drill shows a retry, and half of the warm start's
+# invalid TicTacToe replies were retries gone wrong). Phase 1: drill_steps steps on the drills with at most
+# drill_choices, each kind in its `drill_shares` proportion. Phase 2: `epochs` passes over the transcripts
+# with drills mixed in (half the transcripts' number, as many of each kind), the rate falling linearly to 0
+# over the second half.
+# The shares follow what each kind teaches. TicTacToe's free cells are any subset of the nine: a real copy,
+# which a random-init model learns only after ~10^4 drills, sooner the larger its share of them. Matrix's
+# actions are always 1..n and Spy's vote the three others (both learned within a few hundred steps), while
+# Matrix's prompts are the longest (a payoff table): a full share spent ~45% of the phase on a skill it had
+# early. The descriptions (free text) are per-word facts, learned only from many drills at a constant rate.
 WARM_START = dict(transcripts=500, nested=125, drill_games=1500, drill_choices=4, mix_choices=6, drill_steps=1200,
-                  epochs=2.0, batch_size=32, lr=1e-3)
+                  drill_shares={"matrix": 0.25, "tictactoe": 1.0, "spy": 0.5, "free text": 1.0},
+                  mistakes=0.15, epochs=2.0, batch_size=32, lr=1e-3)
 
 
 def warm_start(seed: int = 0, **overrides) -> Path:
     """The tiny model after SFT on random-legal play; built once, cached under .cache/ and reused.
-    1. Drills: single turns with few legal replies (a cell among the last free ones, an action, a vote), as
-       many of each game, until the model copies a reply from the list its prompt ends with; and as many
-       free-text turns (Spy descriptions: the attributes of the secret word's pair). Why first:
+    1. Drills: single turns with few legal replies (a cell among the last free ones, an action, a vote, some
+       after an invalid reply), most of them TicTacToe's, until the model copies a reply from the list its
+       prompt ends with; and free-text turns (Spy descriptions: the attributes of the secret word's pair). Why first:
        with most of the 9 cells free, copying a listed cell gains little over guessing any cell, and a
        random-init model trained on whole games alone never starts to copy.
     2. Transcripts: whole games, alone and nested in one conversation (a game after others, as GRPO's
@@ -654,13 +664,14 @@ def warm_start(seed: int = 0, **overrides) -> Path:
     rows = read_chats(nested.random_transcripts(CACHE_DIR / f"warmstart-{key}.jsonl", settings["transcripts"], seed,
                                          settings["nested"]))
     drill_rows = read_chats(nested.random_transcripts(CACHE_DIR / f"drills-{key}.jsonl", settings["drill_games"], seed,
-                                                      step=1))
+                                                      step=1, mistakes=settings["mistakes"]))
     rng, batch, lr = random.Random(seed), settings["batch_size"], settings["lr"]
     drills = {name: drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name], settings["mix_choices"])
               for name in games.GAMES}
     drills["free text"] = drill_examples(policy, drill_rows, free=True)
     few = {name: [e for e in d if e[3] <= settings["drill_choices"]] for name, d in drills.items()}
-    copying = [e for d in few.values() for e in rng.sample(d, min(len(x) for x in few.values()))]  # as many of each
+    unit = min(len(d) for d in few.values())
+    copying = [e for name, d in few.items() for e in rng.sample(d, round(unit * settings["drill_shares"][name]))]
     losses = sft(policy, copying, settings["drill_steps"] * batch / len(copying), batch, lr, seed,
                  desc="warm start 1/2: drills")
     examples = conversation_examples(policy, rows)

@@ -398,7 +398,7 @@ def test_tiny_tokenizer_round_trips_any_text_and_has_chat_tokens(tiny):
     for choice in games.CHOICES:  # a listed choice is one token, in the list and in the reply alike
         token = tok.convert_tokens_to_ids(choice)
         assert tok.decode([token]) == choice
-        assert tok(f"one of:\n{choice} | x", add_special_tokens=False)["input_ids"][-5] == token
+        assert token in tok(f"one of:\n{choice} | x", add_special_tokens=False)["input_ids"]
         assert tok(games.answer(choice), add_special_tokens=False)["input_ids"] == [
             tok.convert_tokens_to_ids(games.ANSWER_OPEN), token, tok.convert_tokens_to_ids(games.ANSWER_CLOSE)]
     rendered = tiny.render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
@@ -548,6 +548,42 @@ def test_drills_hold_every_legal_reply_and_only_those(tiny, tmp_path):
         assert mask[position] == 1 and ids[position] in shares
 
 
+def test_mistakes_are_refused_then_drilled_as_the_retry_prompt_and_a_legal_reply(tiny, tmp_path):
+    clean = policy_lib.read_chats(nested.random_transcripts(tmp_path / "a.jsonl", n_per_game=6, n_nested=2))
+    rows = policy_lib.read_chats(nested.random_transcripts(tmp_path / "b.jsonl", n_per_game=6, n_nested=2,
+                                                            mistakes=0.3))
+    retries = 0
+    for r, c in zip(rows, clean):
+        g = nested.make_game(r["meta"]["game"], "train", "random").reset(r["meta"]["seed"])
+        messages = iter(r["messages"])
+        for legal in r["meta"]["choices"]:  # replayed: the game itself judges each reply
+            while g.to_move != g.learner_seat:
+                g.step(g.to_move, g.scripted_reply(g.to_move))
+            assert next(messages)["content"] == g.prompt(g.learner_seat)
+            reply = next(messages)["content"]
+            if legal is not None:  # random play's draw, as the transcript made it: the replay stays in step
+                assert g.random_reply(g.learner_seat) == reply
+            assert g.step(g.learner_seat, reply) == (legal is not None)
+            if legal is None:
+                retries += 1
+                assert g.prompt(g.learner_seat).startswith("Your last reply was invalid")
+        while not g.done:
+            assert g.to_move != g.learner_seat  # every learner turn was in the transcript
+            g.step(g.to_move, g.scripted_reply(g.to_move))
+        assert g.rewards[g.learner_seat] == r["meta"]["reward"]
+        valid = [m["content"] for m, legal in zip(r["messages"][1::2], r["meta"]["choices"]) if legal is not None]
+        assert valid == [m["content"] for m in c["messages"][1::2]]  # a mistake changes nothing else
+    assert retries > 10
+    drills = policy_lib.drill_examples(tiny, rows, max_choices=9)
+    prompts = [tiny.tokenizer.decode([t for t, m in zip(ids, mask) if not m], skip_special_tokens=True)
+               for ids, mask, *_ in drills]
+    assert sum(p.startswith("Your last reply was invalid") for p in prompts) > 5
+    for (ids, mask, *_), prompt in zip(drills, prompts):  # never a wrong reply as a target
+        reply = tiny.tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True)
+        listed = prompt.rsplit("\n", 1)[1]
+        assert games.parse_answer(reply) in (listed.split(" | ") if " | " in listed else listed.split())
+
+
 def test_branch_targets_by_hand():
     # legal replies as token ids: [5, 7, 9], [5, 8, 9], [5, 8, 6], [4]; the drawn one is [5, 8, 6]
     legal = [[5, 7, 9], [5, 8, 9], [5, 8, 6], [4]]
@@ -674,20 +710,20 @@ def warm():
 def test_warm_start_learns_format_and_rules_not_strategy(warm, tiny):
     """Valid replies at temperature 1, each game alone and inside nested episodes. Measured with the default
     recipe for seeds 0, 1, 2 (Matrix / TicTacToe / Spy; 200 games alone and 100 nested episodes, another
-    draw): alone 100 / 91.5-95.7 / 99.2-99.5% valid, nested 100 / 86.8-94.3 / 91.7-95.2%, over all nested turns
-    90.2-95.2%. Asserted with room for the spread between seeds, which stands in for another machine's
-    floating point: at most 15% invalid turns in every game alone and over nested episodes; a random-init
+    draw): alone 99.5-100 / 96.2-99.4 / 99.8-100% valid, nested 100 / 93.7-98.2 / 99.7-100%, over all nested
+    turns 96.9-99.0%. Asserted with room for the spread between seeds, which stands in for another machine's
+    floating point: at most 10% invalid turns in every game alone and over nested episodes; a random-init
     model has almost no valid ones; and no strategy beyond random-legal play."""
     scores = evaluate.score(warm, list(games.GAMES), 200, temperature=1.0, first=10_000)
     untrained = evaluate.score(tiny, list(games.GAMES), 20, temperature=1.0, first=10_000)
     for name, row in scores.items():
-        assert row["invalid"] <= 0.15, (name, row)
+        assert row["invalid"] <= 0.10, (name, row)
         assert untrained[name]["invalid"] > row["invalid"] + 0.3, (name, row)
     episodes = [nested.make_game("matrix>tictactoe>spy", "train", "random").reset(games.eval_seed(20_000 + i))
                 for i in range(40)]
     batch = policy_lib.play(warm, episodes, [(5, i) for i in range(len(episodes))], temperature=1.0)
     turns = sum(m["role"] == "assistant" for msgs in batch.messages for m in msgs)
-    assert sum(g.invalid[0] for g in episodes) <= 0.15 * turns
+    assert sum(g.invalid[0] for g in episodes) <= 0.10 * turns
     # Random-legal play on the same seeds: the warm start is close to it, not to the scripted experts.
     random_rate = {}
     for name in games.GAMES:
@@ -699,9 +735,9 @@ def test_warm_start_learns_format_and_rules_not_strategy(warm, tiny):
         random_rate[name] = wins / 200
     for name in games.GAMES:  # invalid replies cost wins, so the warm start may fall below random-legal
         assert scores[name]["win"] < random_rate[name] + 0.1, (name, scores[name]["win"], random_rate[name])
-    # Spy descriptions are attributes of the secret word's pair, as random play says them; a random-init
-    # model's descriptions are not.
-    assert _spy_descriptions_in_pair(warm) >= 0.4
+    # Spy descriptions are attributes of the secret word's pair, as random play says them (88-91% for seeds
+    # 0-2); a random-init model's descriptions are not.
+    assert _spy_descriptions_in_pair(warm) >= 0.6
     assert _spy_descriptions_in_pair(tiny) < 0.05
 
 
