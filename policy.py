@@ -392,7 +392,8 @@ def build_tiny_tokenizer(corpus: list[str]):
     Player 2, an action 3) is one token of its own, the same in the list as in the reply, so a valid reply
     is a copy of one token from the prompt's last line (plain digits would be ambiguous: payoff tables are
     full of them). A pre-token is a run of non-spaces with the space before it, a digit or a board's '.'
-    as much as a word: a separate token for each space made every prompt a fifth longer."""
+    as much as a word: a separate token for each space made a default nested episode 15% longer (615 tokens
+    against 537)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" ?[^\s]+|\s+"), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
