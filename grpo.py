@@ -69,7 +69,7 @@ def parse_args(argv=None):
                    help="other seats: random | expert | eps:P (TicTacToe's scripted player; Spy always uses "
                         "its scripted lexicon players), self (a frozen copy of the learner) or model:PATH")
     p.add_argument("--self-refresh", type=int, default=10, help="with --opponent self: refresh the copy every K steps")
-    p.add_argument("--steps", type=int, default=None, help="GRPO steps; default 100 (the default run, install and "
+    p.add_argument("--steps", type=int, default=None, help="GRPO steps; default 250 (the default run, install and "
                    "warm start included, within 15 minutes on a 2-core CPU), or as many as a budget takes")
     p.add_argument("--instances", type=int, default=4, help="B: game instances (seeds) per step")
     p.add_argument("--group-size", type=int, default=8, help="G: episodes per instance (at least 2)")
@@ -102,7 +102,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     args = p.parse_args(argv)
     if args.steps is None:
-        args.steps = 10 ** 9 if args.budget_turns or args.budget_tokens else 100
+        args.steps = 10 ** 9 if args.budget_turns or args.budget_tokens else 250
     try:
         args.games = games.game_names(args.games)
         nested.check_opponent(args.opponent)

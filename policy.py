@@ -4,7 +4,7 @@ multi-turn generation that keeps each conversation's KV cache; exact token log-p
     python policy.py warmstart              # build the tiny model and warm-start it (cached in .cache/)
     python policy.py sft --model PATH --data transcripts.jsonl --out DIR   # SFT on any transcript file
 
-The tiny model is a Llama-style `transformers` model of 1.4 M parameters with a byte-level BPE
+The tiny model is a two-layer Llama-style `transformers` model of 1 M parameters with a byte-level BPE
 tokenizer trained (with `tokenizers`) on game text. It starts random, so it is warm-started by SFT on
 transcripts of random-legal play: it learns the format and the rules, not the strategy.
 
@@ -51,9 +51,13 @@ CACHE_DIR = Path(os.environ.get("GAME_GRPO_CACHE", Path(__file__).resolve().pare
 TINY_SPECIAL = ["<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 TINY_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-TINY_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+# Two layers, not more: copying a listed reply, the skill every valid reply needs, is learned from fewer drills
+# by a shallower model (TicTacToe valid at temperature 1 after the warm start, seed 0: 98% with two layers,
+# 94-96% with four), and every token costs less: the warm start takes a third less time, a default GRPO step
+# 2.4 s instead of 4.1 (side by side).
+TINY_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True)
-TINY_VERSION = 16  # bump when anything that shapes the tiny model or its warm start changes
+TINY_VERSION = 17  # bump when anything that shapes the tiny model or its warm start changes
 
 
 # A fixed two-message history: what a chat template inserts for a new user message after an assistant turn
