@@ -409,8 +409,10 @@ def test_tiny_tokenizer_round_trips_any_text_and_has_chat_tokens(tiny):
         for attribute in games.pair_attributes(pair):
             in_reply = tok(games.answer(attribute), add_special_tokens=False)["input_ids"][1:-1]
             assert len(in_reply) == len(attribute.split()), (attribute, tok.convert_ids_to_tokens(in_reply))
+    # About a million parameters: two layers of width 128 and a tied 4k-token embedding (policy.TINY_CONFIG
+    # says why not deeper); a model this size trains at a few seconds per GRPO step on two CPU cores.
     n_params = sum(p.numel() for p in tiny.model.parameters())
-    assert 1_000_000 < n_params < 10_000_000
+    assert 500_000 < n_params < 10_000_000
 
 
 def test_unknown_model_gives_an_offline_hint():
