@@ -638,10 +638,11 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
 # with drills mixed in (half the transcripts' number, as many of each kind), the rate falling linearly to 0
 # over the second half.
 # The shares follow what each kind teaches. TicTacToe's free cells are any subset of the nine: a real copy,
-# which a random-init model learns only after ~10^4 drills, sooner the larger its share of them. Matrix's
-# actions are always 1..n and Spy's vote the three others (both learned within a few hundred steps), while
-# Matrix's prompts are the longest (a payoff table): a full share spent ~45% of the phase on a skill it had
-# early. The descriptions (free text) are per-word facts, learned only from many drills at a constant rate.
+# which a random-init model learns only after ~10^4 drills (measured with four layers; two learn it sooner),
+# the sooner the larger its share of them. Matrix's actions are always 1..n and Spy's vote the three others
+# (both learned within a few hundred steps), while Matrix's prompts are the longest (a payoff table): a full
+# share spent ~45% of the phase on a skill it had early. The descriptions (free text) are per-word facts,
+# learned only from many drills at a constant rate.
 WARM_START = dict(transcripts=500, nested=125, drill_games=1500, drill_choices=4, mix_choices=6, drill_steps=1200,
                   drill_shares={"matrix": 0.25, "tictactoe": 1.0, "spy": 0.5, "free text": 1.0},
                   mistakes=0.15, epochs=2.0, batch_size=32, lr=1e-3)
