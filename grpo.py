@@ -9,11 +9,14 @@ One step, top to bottom (grpo_step):
              the invalid-reply penalties (-0.1 each; a nested episode combines its sub-games' returns).
   4. advantages, per group:  A_i = (R_i - mean(R_group)) / (std(R_group) + 1e-4)   (population std;
              --scale-rewards none: no division). Groups whose rewards are all equal carry no signal and are
-             dropped (optionally only the top fraction of groups by spread is kept).
+             dropped (optionally only the top fraction of groups by spread is kept). Causal credit (nested
+             episodes, mean reward; the default there): the replies of sub-game k use R_i^k, the mean
+             reward's part from sub-game k on, in place of R_i, since no reply changes a sub-game already over.
   5. update: per token t of episode i that the learner sampled (game-master and opponent text is masked out):
                  r_t   = exp(logp_t - logp_old_t)                                (logp_old: recorded while sampling)
                  k3_t  = exp(logp_ref_t - logp_t) - (logp_ref_t - logp_t) - 1    (KL to the frozen start model)
-                 loss  = mean_t[ -min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) + beta k3_t ]
+                 loss  = mean_t[ -min(r_t A_it, clip(r_t, 1 - eps_low, 1 + eps_high) A_it) + beta k3_t ]
+             (A_it = A_i, or, with causal credit, the advantage of the sub-game that token t was sampled in)
              over a few minibatches, one AdamW step each (grad norm clipped at 1), so the ratio and the clip
              act from the second minibatch on. mean_t is over the learner tokens of the whole step (each
              minibatch divides its sum by the step's tokens per minibatch), so every token weighs the same.
@@ -61,6 +64,9 @@ def parse_args(argv=None):
                         "(each episode one game, drawn uniformly)")
     p.add_argument("--nested-reward", default="mean", choices=list(nested.NESTED_REWARDS),
                    help="how a nested episode's return combines its sub-games' (mean is GIFT's)")
+    p.add_argument("--credit", default=None, choices=["episode", "causal"],
+                   help="what a nested episode's replies are credited with: the whole return, or (causal; the "
+                        "default with the mean reward) the return of their sub-game and the later ones")
     p.add_argument("--budget-turns", type=int, default=0,
                    help="stop once the learner has played this many turns (0: run all --steps)")
     p.add_argument("--budget-tokens", type=int, default=0,
@@ -121,6 +127,10 @@ def parse_args(argv=None):
     except ValueError as error:
         p.exit(2, f"grpo.py: error: {error}\n")
     args.mode = "single" if len(args.games) == 1 else (args.mode or "nested")
+    if args.credit == "causal" and args.nested_reward != "mean":
+        p.exit(2, f"grpo.py: error: --credit causal needs --nested-reward mean (a {args.nested_reward} "
+                  "does not split by sub-game)\n")
+    args.credit = args.credit or ("causal" if args.nested_reward == "mean" else "episode")
     args.run_dir = Path(args.run_dir or f"runs/{args.mode}-{'-'.join(args.games)}-seed{args.seed}")
     return args
 
@@ -144,12 +154,12 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group", top_fraction: 
 def grpo_loss(logp, logp_old, logp_ref, advantages, mask, eps_low=0.2, eps_high=0.28, beta=0.04,
               aggregation="token", normalizer=None):
     """The clipped GRPO objective with a k3 KL penalty. Tensors are [sequences, tokens]; `advantages` is
-    [sequences]; `mask` is 1 on the learner's sampled tokens. The sum over tokens (or over sequences' means)
+    [sequences] (one per episode) or [sequences, tokens]; `mask` is 1 on the learner's sampled tokens. The sum over tokens (or over sequences' means)
     is divided by `normalizer`, by default this batch's learner tokens (or sequences); `update` passes the
     step's count per minibatch, so that every token of the step weighs the same whatever its minibatch.
     Returns the loss and per-token diagnostics."""
     ratio = torch.exp(logp - logp_old)
-    adv = advantages[:, None]
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
     k3 = torch.exp(logp_ref - logp) - (logp_ref - logp) - 1 if logp_ref is not None else torch.zeros_like(logp)
     per_token = -surrogate + beta * k3
@@ -159,6 +169,16 @@ def grpo_loss(logp, logp_old, logp_ref, advantages, mask, eps_low=0.2, eps_high=
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / (normalizer or len(mask))
     clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
     return loss, {"kl": k3, "clipped": clipped.float(), "ratio": ratio}
+
+
+def token_advantages(sampled: list[int], turn_advantages: list[float]) -> list[float]:
+    """Spread one advantage per learner reply over its tokens: each reply's sampled tokens are one unbroken
+    run of `sampled` (every reply samples at least one token; prompts and forced end tokens separate them)."""
+    out, turn = [], -1
+    for i, s in enumerate(sampled):
+        turn += s and not (i and sampled[i - 1])
+        out.append(turn_advantages[turn] if s else 0.0)
+    return out
 
 
 def training_tensors(batch, rows):
@@ -172,6 +192,14 @@ def training_tensors(batch, rows):
         mask[k, :n] = torch.tensor(batch.sampled[r][1:], dtype=torch.float)
         logp_old[k, :n] = torch.tensor(batch.logprobs[r][1:])
     return [batch.ids[r] for r in rows], mask, logp_old
+
+
+def advantage_tensor(batch, rows, turn_advantages) -> torch.Tensor:
+    """[rows, tokens] advantages, shifted as training_tensors' (turn_advantages[r]: one per reply of row r)."""
+    adv = torch.zeros(len(rows), max(len(batch.ids[r]) for r in rows) - 1)
+    for k, r in enumerate(rows):
+        adv[k, :len(batch.ids[r]) - 1] = torch.tensor(token_advantages(batch.sampled[r], turn_advantages[r])[1:])
+    return adv
 
 
 def plan_minibatches(lengths: dict[int, int], group_size: int, n: int, seed: str) -> list[list[int]]:
@@ -191,7 +219,7 @@ def update(learner, reference, optimizer, batch, minibatches, advantages, normal
     """One AdamW step per minibatch of episodes. `batch` holds this rank's episodes and `minibatches` lists
     the step's episodes by their row in `batch` (rows of other ranks' episodes are None here); the gradient
     is summed over ranks before each step. `normalizer`: the step's learner tokens (or sequences) per
-    minibatch."""
+    minibatch. `advantages[r]`: one per learner reply of row r."""
     dev = learner.device
     sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "approx_kl": 0.0, "tokens": 0.0}
     grad_norms, seconds = [], {"reference_s": 0.0, "policy_s": 0.0}  # where the update's time goes
@@ -202,6 +230,7 @@ def update(learner, reference, optimizer, batch, minibatches, advantages, normal
         if rows:
             seqs, mask, logp_old = training_tensors(batch, rows)
             mask, logp_old = mask.to(dev), logp_old.to(dev)
+            adv = advantage_tensor(batch, rows, advantages).to(dev)
             groups = [r // group_size for r in rows]
             started = time.time()
             logp_ref = None
@@ -212,7 +241,6 @@ def update(learner, reference, optimizer, batch, minibatches, advantages, normal
             started = time.time()
             logp, entropy = policy_lib.token_logprobs(learner, seqs, temperature, with_entropy=True, only=mask,
                                                       groups=groups)
-            adv = torch.tensor([advantages[r] for r in rows], device=dev)
             loss, diag = grpo_loss(logp, logp_old, logp_ref, adv, mask, eps_low, eps_high, beta, aggregation,
                                    normalizer)
             loss.backward()
@@ -249,13 +277,16 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
     batch = policy_lib.play(learner, episodes, keys, args.temperature, args.max_new_tokens, opponent)
     rollout_seconds = time.time() - started
     # 3. Rewards of every episode of the step, from every rank, in instance order.
-    my_summaries = [[episode_summary(episodes[row], batch, row) for row in range(i * G, (i + 1) * G)]
-                    for i in range(len(my_instances))]
+    my_summaries = [[episode_summary(episodes[row], batch, row, args.credit == "causal")
+                     for row in range(i * G, (i + 1) * G)] for i in range(len(my_instances))]
     group_summaries = ranks.gather_instances(my_summaries, args.instances)
     all_summaries = [s for group in group_summaries for s in group]
     rewards = torch.tensor([[s["reward"] for s in group] for group in group_summaries])
-    # 4. Advantages per group; groups without a reward spread are dropped.
-    advantages, keep = group_advantages(rewards, args.scale_rewards, args.top_groups)
+    # 4. Advantages per group; groups without a reward spread are dropped. Causal credit: per part (sub-game)
+    # of the episodes, from that part's returns.
+    _, keep = group_advantages(rewards, args.scale_rewards, args.top_groups)
+    part_advantages = [group_advantages(torch.tensor([[s["returns"][p] for s in group] for group in group_summaries]),
+                                        args.scale_rewards)[0] for p in range(len(all_summaries[0]["returns"]))]
     kept = [b * G + k for b in range(args.instances) if keep[b] for k in range(G)]
     # 5. Update: minibatches planned over the step's episodes alike on every rank, each rank training its own.
     logs = {}
@@ -265,7 +296,8 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
         # episode b * G + k of the step -> its row of this rank's batch (None: another rank's)
         row_of = {b * G + k: i * G + k for i, b in enumerate(my_instances) for k in range(G)}
         count = sum(all_summaries[r]["tokens"] for r in kept) if args.aggregation == "token" else len(kept)
-        my_advantages = [float(advantages[b, k]) for b in my_instances for k in range(G)]  # by row of batch
+        my_advantages = [reply_advantages(part_advantages, all_summaries[b * G + k], b, k)  # by row of batch
+                         for b in my_instances for k in range(G)]
         logs = update(learner, reference, optimizer, batch, [[row_of.get(r) for r in chunk] for chunk in plan],
                       my_advantages, count / len(plan), ranks, group_size=G,
                       temperature=args.temperature, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
@@ -289,9 +321,16 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
             "tokens_per_s": new_tokens / slowest_rollout, "rollout_s": slowest_rollout, "step_s": time.time() - started}
 
 
-def episode_summary(game, batch, row) -> dict:
+def reply_advantages(part_advantages, summary, b, k) -> list[float]:
+    """Episode k of group b: the advantage of each learner reply, that of the part (sub-game) it was in."""
+    parts = summary["parts"] if summary["parts"] is not None else [0] * summary["turns"]
+    return [float(part_advantages[p][b, k]) for p in parts]
+
+
+def episode_summary(game, batch, row, causal: bool) -> dict:
     """What the step's metrics and advantages need of an episode (small enough to send between ranks)."""
-    return {"reward": game.rewards[game.learner_seat], "tokens": sum(batch.sampled[row]), "length": len(batch.ids[row]),
+    parts, returns = nested.credit(game, causal)
+    return {"reward": game.rewards[game.learner_seat], "parts": parts, "returns": returns, "tokens": sum(batch.sampled[row]), "length": len(batch.ids[row]),
             "turns": sum(m["role"] == "assistant" for m in batch.messages[row]), "results": nested.results(game)}
 
 

@@ -46,6 +46,7 @@ class NestedGame(games.Game):
         for k, g in enumerate(self.subgames):  # of the seed's parity: training and evaluation seeds stay apart
             g.reset(2 * (seed * 16 + k) + seed % 2)
         self.learner_moved = False  # has the learner replied in the current sub-game yet?
+        self.learner_turns = []     # the sub-game of each learner reply, in order (for causal credit)
         self._sync()
         return self
 
@@ -75,6 +76,16 @@ class NestedGame(games.Game):
             return [0.0] * self.num_seats
         return [NESTED_REWARDS[self.reward_rule](self.sub_rewards())] + [0.0] * (self.num_seats - 1)
 
+    def returns_to_go(self) -> list[float]:
+        """Sub-game k's share of the mean return from k on: (1/K) sum_{j >= k} R_j. A reply in sub-game k
+        cannot change a sub-game already over, so crediting it with these instead of the whole return drops
+        terms whose expected gradient is zero (causality) and keeps the mean's objective. The min and the
+        product do not split by sub-game."""
+        if self.reward_rule != "mean":
+            raise ValueError(f"causal credit needs the mean nested reward, not {self.reward_rule!r}")
+        rs = self.sub_rewards()
+        return [sum(rs[k:]) / len(rs) for k in range(len(rs))]
+
     @property
     def invalid(self) -> list[int]:
         return [sum(g.invalid[g.learner_seat] for g in self.subgames)] + [0] * (self.num_seats - 1)
@@ -86,6 +97,8 @@ class NestedGame(games.Game):
     def step(self, seat: int, reply: str) -> bool:
         if self.done or seat != self.to_move:
             return False
+        if seat == 0:
+            self.learner_turns.append(self.current)
         ok = self.game.step(self._seat_map()[seat], reply)
         self.learner_moved |= seat == 0
         self._sync()
@@ -150,6 +163,15 @@ def step_instances(names: list[str], mode: str, run_seed: int, step: int, n: int
     rng = random.Random(f"{run_seed}:{step}")
     chosen = [">".join(names) if mode == "nested" else rng.choice(names) for _ in range(n)]
     return [(name, games.train_seed(run_seed, step, i)) for i, name in enumerate(chosen)]
+
+
+def credit(episode: games.Game, causal: bool) -> tuple[list[int], list[float]]:
+    """What each learner reply of a finished episode is credited with: the part (sub-game) of each reply and
+    each part's return. A single game, or episode credit: one part (None: every reply is part 0), the
+    learner's return. Causal credit of a nested episode: each sub-game's return-to-go (returns_to_go)."""
+    if causal and isinstance(episode, NestedGame):
+        return list(episode.learner_turns), episode.returns_to_go()
+    return None, [episode.rewards[episode.learner_seat]]
 
 
 def results(episode: games.Game) -> list[tuple[str, str, int]]:

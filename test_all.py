@@ -657,9 +657,27 @@ def test_grpo_loss_matches_a_hand_computed_example():
     assert torch.allclose(grad, expected, atol=1e-6)
 
 
+def test_token_advantages_give_each_reply_its_own_by_hand():
+    """Prompt tokens (0), then replies (runs of 1s), a forced end token or a prompt between them."""
+    sampled = [0, 0, 1, 1, 0, 0, 0, 1, 0, 1, 1, 1]
+    assert grpo.token_advantages(sampled, [0.5, -1.0, 2.0]) == [0, 0, 0.5, 0.5, 0, 0, 0, -1.0, 0, 2.0, 2.0, 2.0]
+
+
+def test_advantages_per_token_equal_per_sequence_ones_when_constant():
+    logp_old = torch.full((2, 3), -0.7)
+    logp = logp_old + torch.tensor([[0.4, -0.1, 0.0], [-0.3, 0.1, 0.2]]).requires_grad_()
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    per_sequence, _ = grpo.grpo_loss(logp, logp_old, None, torch.tensor([1.0, -2.0]), mask, beta=0.0)
+    per_token, _ = grpo.grpo_loss(logp, logp_old, None, torch.tensor([[1.0, 1.0, 9.0], [-2.0, -2.0, -2.0]]), mask,
+                                  beta=0.0)  # the masked 9 counts for nothing
+    assert per_token.item() == pytest.approx(per_sequence.item(), abs=1e-6)
+
+
 def _update(learner, reference, optimizer, batch, rows, advantages, minibatches=1, beta=0.04, group_size=8):
-    """grpo.update on `rows` of one process's batch, in minibatches planned as a step plans them."""
+    """grpo.update on `rows` of one process's batch, in minibatches planned as a step plans them; each row's
+    advantage is given to every one of its replies."""
     plan = grpo.plan_minibatches({r: len(batch.ids[r]) for r in rows}, group_size, minibatches, "0:0")
+    advantages = [[a] * len(batch.ids[r]) for r, a in enumerate(advantages)]  # more than enough replies
     tokens = sum(sum(batch.sampled[r]) for r in rows)
     return grpo.update(learner, reference, optimizer, batch, plan, advantages, tokens / len(plan), grpo.Ranks(),
                        group_size=group_size, temperature=1.0, eps_low=0.2, eps_high=0.28, beta=beta, aggregation="token")
@@ -694,7 +712,8 @@ def test_one_update_on_a_rigged_batch_raises_the_rewarded_reply(tiny):
 
 @pytest.mark.parametrize("argv,reason", [
     (["--games", "chess"], "unknown game"), (["--group-size", "1"], "group-size"),
-    (["--opponent", "eps:x"], "opponent"), (["--opponent", "model:"], "opponent"), (["--steps", "0"], "steps")])
+    (["--opponent", "eps:x"], "opponent"), (["--opponent", "model:"], "opponent"), (["--steps", "0"], "steps"),
+    (["--credit", "causal", "--nested-reward", "min"], "causal")])
 def test_bad_command_lines_exit_2_with_one_line_reason(argv, reason, capsys):
     with pytest.raises(SystemExit) as exit_info:
         grpo.parse_args(argv)
@@ -818,6 +837,23 @@ def test_nested_hand_over_and_a_failed_sub_game_does_not_stop_the_episode():
         g.step(g.to_move, g.scripted_reply(g.to_move))
     assert g.sub_rewards()[0] == pytest.approx(-0.3) and g.invalid[0] >= 3
     assert g.rewards[0] == pytest.approx(sum(g.sub_rewards()) / 3)
+
+
+def test_causal_credit_by_hand():
+    """Matrix won (1), TicTacToe forfeited after three invalid replies (-0.3): the mean return is 0.35; the
+    TicTacToe replies are credited with TicTacToe's part of it alone, -0.3 / 2."""
+    g = nested.NestedGame(["matrix", "tictactoe"]).reset(4)
+    g.step(0, games.answer(games.MatrixGame._action(g.game.correct[0])))
+    while g.to_move != 0:
+        g.step(g.to_move, g.scripted_reply(g.to_move))
+    for _ in range(3):
+        g.step(0, "no idea")
+    assert g.done and g.rewards[0] == pytest.approx(0.35)
+    parts, returns = nested.credit(g, causal=True)
+    assert parts == [0, 1, 1, 1] and returns == pytest.approx([0.35, -0.15])
+    assert nested.credit(g, causal=False) == (None, [g.rewards[0]])
+    with pytest.raises(ValueError, match="mean"):
+        nested.NestedGame(["matrix", "spy"], reward="min").reset(0).returns_to_go()
 
 
 def test_nested_is_reproducible_per_seed():
