@@ -10,22 +10,20 @@ One step, top to bottom (grpo_step):
   4. advantages, per group:  A_i = (R_i - mean(R_group)) / (std(R_group) + 1e-4)   (population std;
              --scale-rewards none: no division). Groups whose rewards are all equal carry no signal and are
              dropped (optionally only the top fraction of groups by spread is kept). Causal credit (nested
-             episodes, mean reward; the default there): the replies of sub-game k use R_i^k, the mean
-             reward's part from sub-game k on, in place of R_i, since no reply changes a sub-game already over.
+             episodes, mean reward; the default there): sub-game k's tokens get A_it from R_i^k, the mean
+             reward's part from sub-game k on, in place of R_i: no reply changes a sub-game already over.
   5. update: per token t of episode i that the learner sampled (game-master and opponent text is masked out):
                  r_t   = exp(logp_t - logp_old_t)                                (logp_old: recorded while sampling)
                  k3_t  = exp(logp_ref_t - logp_t) - (logp_ref_t - logp_t) - 1    (KL to the frozen start model)
                  loss  = mean_t[ -min(r_t A_it, clip(r_t, 1 - eps_low, 1 + eps_high) A_it) + beta k3_t ]
-             (A_it = A_i, or, with causal credit, the advantage of the sub-game that token t was sampled in)
              over a few minibatches, one AdamW step each (grad norm clipped at 1), so the ratio and the clip
              act from the second minibatch on. mean_t is over the learner tokens of the whole step (each
              minibatch divides its sum by the step's tokens per minibatch), so every token weighs the same.
   6. log:    reward, KL, clip fraction, entropy, per-game win rates, seconds per step, tokens per second.
 
-Several processes: `torchrun --nproc_per_node N grpo.py ...` (or --nnodes M across hosts). Each rank plays
-whole groups (instances rank, rank + N, ...), gradients are summed over ranks, and the loss is normalised by
-the learner tokens of the whole step, so N ranks make the update of one process on the same instances.
-Rank 0 alone writes logs and checkpoints. gloo on CPU, nccl on GPUs (see `Ranks` at the end).
+Several processes: `torchrun --nproc_per_node N grpo.py ...` (or --nnodes M). Each rank plays whole groups,
+gradients are summed over ranks and the loss is normalised by the whole step's learner tokens: N ranks make
+one process's update. Rank 0 alone writes logs and checkpoints; gloo on CPU, nccl on GPUs (`Ranks`, at the end).
 
 Simplifications: the reference model is the model training started from; an episode's text is what the
 learner saw, in the games' own prompts; no value model, no reward model.
@@ -65,8 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--nested-reward", default="mean", choices=list(nested.NESTED_REWARDS),
                    help="how a nested episode's return combines its sub-games' (mean is GIFT's)")
     p.add_argument("--credit", default=None, choices=["episode", "causal"],
-                   help="what a nested episode's replies are credited with: the whole return, or (causal; the "
-                        "default with the mean reward) the return of their sub-game and the later ones")
+                   help="a nested episode's replies get the whole return, or (causal; the default with the mean "
+                        "reward) the part of their sub-game and the later ones")
     p.add_argument("--budget-turns", type=int, default=0,
                    help="stop once the learner has played this many turns (0: run all --steps)")
     p.add_argument("--budget-tokens", type=int, default=0,
@@ -124,12 +122,11 @@ def parse_args(argv=None):
             raise ValueError("--top-groups must be in (0, 1]")
         if args.temperature <= 0:
             raise ValueError("--temperature must be > 0 for GRPO rollouts")
+        if args.credit == "causal" and args.nested_reward != "mean":
+            raise ValueError(f"--credit causal needs --nested-reward mean (a {args.nested_reward} does not split)")
     except ValueError as error:
         p.exit(2, f"grpo.py: error: {error}\n")
     args.mode = "single" if len(args.games) == 1 else (args.mode or "nested")
-    if args.credit == "causal" and args.nested_reward != "mean":
-        p.exit(2, f"grpo.py: error: --credit causal needs --nested-reward mean (a {args.nested_reward} "
-                  "does not split by sub-game)\n")
     args.credit = args.credit or ("causal" if args.nested_reward == "mean" else "episode")
     args.run_dir = Path(args.run_dir or f"runs/{args.mode}-{'-'.join(args.games)}-seed{args.seed}")
     return args
@@ -154,10 +151,10 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group", top_fraction: 
 def grpo_loss(logp, logp_old, logp_ref, advantages, mask, eps_low=0.2, eps_high=0.28, beta=0.04,
               aggregation="token", normalizer=None):
     """The clipped GRPO objective with a k3 KL penalty. Tensors are [sequences, tokens]; `advantages` is
-    [sequences] (one per episode) or [sequences, tokens]; `mask` is 1 on the learner's sampled tokens. The sum over tokens (or over sequences' means)
-    is divided by `normalizer`, by default this batch's learner tokens (or sequences); `update` passes the
-    step's count per minibatch, so that every token of the step weighs the same whatever its minibatch.
-    Returns the loss and per-token diagnostics."""
+    [sequences] or [sequences, tokens]; `mask` is 1 on the learner's sampled tokens. The sum over tokens (or
+    over sequences' means) is divided by `normalizer`, by default this batch's learner tokens (or sequences);
+    `update` passes the step's count per minibatch, so that every token of the step weighs the same whatever
+    its minibatch. Returns the loss and per-token diagnostics."""
     ratio = torch.exp(logp - logp_old)
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
@@ -171,13 +168,13 @@ def grpo_loss(logp, logp_old, logp_ref, advantages, mask, eps_low=0.2, eps_high=
     return loss, {"kl": k3, "clipped": clipped.float(), "ratio": ratio}
 
 
-def token_advantages(sampled: list[int], turn_advantages: list[float]) -> list[float]:
+def token_advantages(sampled: list[int], reply_advantages: list[float]) -> list[float]:
     """Spread one advantage per learner reply over its tokens: each reply's sampled tokens are one unbroken
     run of `sampled` (every reply samples at least one token; prompts and forced end tokens separate them)."""
-    out, turn = [], -1
+    out, reply = [], -1
     for i, s in enumerate(sampled):
-        turn += s and not (i and sampled[i - 1])
-        out.append(turn_advantages[turn] if s else 0.0)
+        reply += s and not (i and sampled[i - 1])
+        out.append(reply_advantages[reply] if s else 0.0)
     return out
 
 
@@ -185,21 +182,12 @@ def training_tensors(batch, rows):
     """The learner's sequences for `rows`: token ids, the mask of sampled tokens and their sampling-time
     log-probs, shifted by one so that position t holds the prediction of token t+1."""
     width = max(len(batch.ids[r]) for r in rows) - 1
-    mask = torch.zeros(len(rows), width)
-    logp_old = torch.zeros(len(rows), width)
+    mask, logp_old = torch.zeros(len(rows), width), torch.zeros(len(rows), width)
     for k, r in enumerate(rows):
         n = len(batch.ids[r]) - 1
         mask[k, :n] = torch.tensor(batch.sampled[r][1:], dtype=torch.float)
         logp_old[k, :n] = torch.tensor(batch.logprobs[r][1:])
     return [batch.ids[r] for r in rows], mask, logp_old
-
-
-def advantage_tensor(batch, rows, turn_advantages) -> torch.Tensor:
-    """[rows, tokens] advantages, shifted as training_tensors' (turn_advantages[r]: one per reply of row r)."""
-    adv = torch.zeros(len(rows), max(len(batch.ids[r]) for r in rows) - 1)
-    for k, r in enumerate(rows):
-        adv[k, :len(batch.ids[r]) - 1] = torch.tensor(token_advantages(batch.sampled[r], turn_advantages[r])[1:])
-    return adv
 
 
 def plan_minibatches(lengths: dict[int, int], group_size: int, n: int, seed: str) -> list[list[int]]:
@@ -217,9 +205,9 @@ def plan_minibatches(lengths: dict[int, int], group_size: int, n: int, seed: str
 def update(learner, reference, optimizer, batch, minibatches, advantages, normalizer, ranks, *, group_size,
            temperature, eps_low, eps_high, beta, aggregation) -> dict[str, float]:
     """One AdamW step per minibatch of episodes. `batch` holds this rank's episodes and `minibatches` lists
-    the step's episodes by their row in `batch` (rows of other ranks' episodes are None here); the gradient
-    is summed over ranks before each step. `normalizer`: the step's learner tokens (or sequences) per
-    minibatch. `advantages[r]`: one per learner reply of row r."""
+    the step's episodes by their row in `batch` (None: another rank's); the gradient is summed over ranks
+    before each step. `normalizer`: the step's learner tokens (or sequences) per minibatch. `advantages[r]`:
+    one per learner reply of row r."""
     dev = learner.device
     sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "approx_kl": 0.0, "tokens": 0.0}
     grad_norms, seconds = [], {"reference_s": 0.0, "policy_s": 0.0}  # where the update's time goes
@@ -230,7 +218,9 @@ def update(learner, reference, optimizer, batch, minibatches, advantages, normal
         if rows:
             seqs, mask, logp_old = training_tensors(batch, rows)
             mask, logp_old = mask.to(dev), logp_old.to(dev)
-            adv = advantage_tensor(batch, rows, advantages).to(dev)
+            adv = torch.zeros_like(logp_old)  # each reply's advantage on its tokens, shifted as the mask
+            for k, r in enumerate(rows):
+                adv[k, :len(batch.ids[r]) - 1] = torch.tensor(token_advantages(batch.sampled[r], advantages[r])[1:])
             groups = [r // group_size for r in rows]
             started = time.time()
             logp_ref = None
@@ -277,13 +267,12 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
     batch = policy_lib.play(learner, episodes, keys, args.temperature, args.max_new_tokens, opponent)
     rollout_seconds = time.time() - started
     # 3. Rewards of every episode of the step, from every rank, in instance order.
-    my_summaries = [[episode_summary(episodes[row], batch, row, args.credit == "causal")
+    my_summaries = [[nested.summary(episodes[row], batch, row, args.credit == "causal")
                      for row in range(i * G, (i + 1) * G)] for i in range(len(my_instances))]
     group_summaries = ranks.gather_instances(my_summaries, args.instances)
     all_summaries = [s for group in group_summaries for s in group]
     rewards = torch.tensor([[s["reward"] for s in group] for group in group_summaries])
-    # 4. Advantages per group; groups without a reward spread are dropped. Causal credit: per part (sub-game)
-    # of the episodes, from that part's returns.
+    # 4. Advantages per group and part (sub-game, with causal credit); groups without a spread are dropped.
     _, keep = group_advantages(rewards, args.scale_rewards, args.top_groups)
     part_advantages = [group_advantages(torch.tensor([[s["returns"][p] for s in group] for group in group_summaries]),
                                         args.scale_rewards)[0] for p in range(len(all_summaries[0]["returns"]))]
@@ -296,8 +285,8 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
         # episode b * G + k of the step -> its row of this rank's batch (None: another rank's)
         row_of = {b * G + k: i * G + k for i, b in enumerate(my_instances) for k in range(G)}
         count = sum(all_summaries[r]["tokens"] for r in kept) if args.aggregation == "token" else len(kept)
-        my_advantages = [reply_advantages(part_advantages, all_summaries[b * G + k], b, k)  # by row of batch
-                         for b in my_instances for k in range(G)]
+        my_advantages = [[float(part_advantages[p][b, k]) for p in all_summaries[b * G + k]["parts"]]
+                         for b in my_instances for k in range(G)]  # by row of batch: one per learner reply
         logs = update(learner, reference, optimizer, batch, [[row_of.get(r) for r in chunk] for chunk in plan],
                       my_advantages, count / len(plan), ranks, group_size=G,
                       temperature=args.temperature, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
@@ -319,19 +308,6 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
             "learner_turns": turns, "learner_tokens": tokens, "total_episodes": totals["episodes"],
             "total_learner_turns": totals["turns"], "total_learner_tokens": totals["tokens"],
             "tokens_per_s": new_tokens / slowest_rollout, "rollout_s": slowest_rollout, "step_s": time.time() - started}
-
-
-def reply_advantages(part_advantages, summary, b, k) -> list[float]:
-    """Episode k of group b: the advantage of each learner reply, that of the part (sub-game) it was in."""
-    parts = summary["parts"] if summary["parts"] is not None else [0] * summary["turns"]
-    return [float(part_advantages[p][b, k]) for p in parts]
-
-
-def episode_summary(game, batch, row, causal: bool) -> dict:
-    """What the step's metrics and advantages need of an episode (small enough to send between ranks)."""
-    parts, returns = nested.credit(game, causal)
-    return {"reward": game.rewards[game.learner_seat], "parts": parts, "returns": returns, "tokens": sum(batch.sampled[row]), "length": len(batch.ids[row]),
-            "turns": sum(m["role"] == "assistant" for m in batch.messages[row]), "results": nested.results(game)}
 
 
 def save_transcripts(args, step, episodes, batch):

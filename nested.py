@@ -7,6 +7,8 @@
                 mean (GIFT):  R = (1/K) sum_k R_k      min (strict AND):  R = min_k R_k
                 product:      R = prod_k max(R_k, 0)
     mixed:  every episode is one game, drawn uniformly; each GRPO group holds one game.
+Causal credit (grpo.py's default with the mean): a reply in sub-game k is credited with (1/K) sum_{j>=k} R_j,
+the part of the mean it can still change, not the whole return (`credit`).
 
 `NestedGame` speaks the games' protocol (games.py), so the rollout plays it like any other game. The
 learner is always seat 0 of a nested game; the other seats map onto each sub-game's other seats.
@@ -165,7 +167,7 @@ def step_instances(names: list[str], mode: str, run_seed: int, step: int, n: int
     return [(name, games.train_seed(run_seed, step, i)) for i, name in enumerate(chosen)]
 
 
-def credit(episode: games.Game, causal: bool) -> tuple[list[int], list[float]]:
+def credit(episode: games.Game, causal: bool) -> tuple[list[int] | None, list[float]]:
     """What each learner reply of a finished episode is credited with: the part (sub-game) of each reply and
     each part's return. A single game, or episode credit: one part (None: every reply is part 0), the
     learner's return. Causal credit of a nested episode: each sub-game's return-to-go (returns_to_go)."""
@@ -179,6 +181,16 @@ def results(episode: games.Game) -> list[tuple[str, str, int]]:
     game, one per sub-game of a nested one."""
     played = getattr(episode, "subgames", [episode])
     return [(g.name, g.outcome(g.learner_seat), g.invalid[g.learner_seat]) for g in played]
+
+
+def summary(game: games.Game, batch, row: int, causal: bool) -> dict:
+    """What a GRPO step's metrics and advantages need of a played episode, row `row` of the learner's
+    policy.ChatBatch (small enough to send between ranks)."""
+    turns = sum(m["role"] == "assistant" for m in batch.messages[row])
+    parts, returns = credit(game, causal)  # parts: the part of each reply (None: all are part 0)
+    return {"reward": game.rewards[game.learner_seat], "parts": parts or [0] * turns, "returns": returns,
+            "tokens": sum(batch.sampled[row]), "length": len(batch.ids[row]), "turns": turns,
+            "results": results(game)}
 
 
 def game_stats(played: list[tuple[str, str, int]]) -> dict[str, float]:

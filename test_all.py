@@ -782,6 +782,28 @@ def _run(model, tmp_path, steps, extra=()):
     return [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
 
 
+def test_causal_credit_gives_each_sub_games_replies_that_parts_advantage(warm, monkeypatch, tmp_path):
+    """One default (nested, causal) step: every learner reply's advantage is its group's normalised
+    (1/3) sum_{j >= k} R_j for the sub-game k it was in, that sub-game read off the hand-over lines."""
+    args = grpo.parse_args(["--instances", "2", "--group-size", "4", "--max-new-tokens", "8", "--run-dir", str(tmp_path)])
+    assert args.mode == "nested" and args.credit == "causal"
+    played, seen, summary = [], {}, nested.summary
+    monkeypatch.setattr(nested, "summary", lambda g, *a: played.append(g) or summary(g, *a))
+    monkeypatch.setattr(grpo, "update", lambda *a, **k: seen.update(batch=a[3], advantages=a[5]) or {})
+    optimizer = torch.optim.AdamW(warm.model.parameters())
+    grpo.grpo_step(args, 0, warm, None, None, optimizer, {"turns": 0, "tokens": 0, "episodes": 0}, grpo.Ranks())
+    for b in range(2):
+        returns = np.array([[sum(g.sub_rewards()[k:]) / 3 for k in range(3)] for g in played[4 * b:4 * b + 4]])
+        expected = (returns - returns.mean(0)) / (returns.std(0) + 1e-4)
+        for i in range(4):
+            part, parts = 0, []
+            for m in seen["batch"].messages[4 * b + i]:
+                part += m["role"] == "user" and m["content"].startswith("[Game ")
+                parts += [part] if m["role"] == "assistant" else []
+            assert seen["advantages"][4 * b + i] == pytest.approx([expected[i, k] for k in parts], abs=1e-5)
+            assert parts[-1] == 2 and len(set(parts)) == 3
+
+
 def test_training_run_logs_checkpoints_and_resumes_exactly(warm, tmp_path):
     full = _run(warm, tmp_path / "full", 3)
     assert [m["step"] for m in full] == [1, 2, 3]
