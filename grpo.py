@@ -127,7 +127,7 @@ def parse_args(argv=None):
     except ValueError as error:
         p.exit(2, f"grpo.py: error: {error}\n")
     args.mode = "single" if len(args.games) == 1 else (args.mode or "nested")
-    args.credit = args.credit or ("causal" if args.nested_reward == "mean" else "episode")
+    args.credit = args.credit or ("causal" if args.mode == "nested" and args.nested_reward == "mean" else "episode")
     args.run_dir = Path(args.run_dir or f"runs/{args.mode}-{'-'.join(args.games)}-seed{args.seed}")
     return args
 

@@ -972,6 +972,8 @@ def test_a_rank_that_dies_ends_the_run_with_a_clear_error_not_a_hang(warm, tmp_p
 def test_grpo_modes_from_the_command_line():
     assert grpo.parse_args(["--games", "matrix,spy"]).mode == "nested"
     assert grpo.parse_args(["--games", "matrix,spy", "--mode", "mixed"]).mode == "mixed"
+    assert [grpo.parse_args(a).credit for a in (["--games", "matrix,spy"], ["--games", "matrix,spy", "--mode", "mixed"],
+            ["--nested-reward", "min"])] == ["causal", "episode", "episode"]  # causal only where it can split
     assert grpo.parse_args(["--games", "spy"]).mode == "single"
     args = grpo.parse_args(["--games", "matrix,tictactoe", "--instances", "4"])
     assert {name for name, _ in _instances(args, 0)} == {"matrix>tictactoe"}
