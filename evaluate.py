@@ -6,7 +6,7 @@
     python evaluate.py --plot runs/NAME [runs/OTHER ...]   # learning curves (PNG with matplotlib, and text)
     python evaluate.py --model tiny --benchmark questions.jsonl   # multiple-choice log-likelihood score
     python evaluate.py --baselines 1000                 # random and scripted play, N seeded games each
-    python evaluate.py --bench --model tiny             # generation throughput at batch sizes 1, 8 and 64
+    python evaluate.py --bench --model smollm2          # rollout speed against transformers' generate
 
 Matrix: a "win" is a correct answer under SPEC.md's equilibrium rule. TicTacToe: the learner's seat against
 the random and the expert player. Spy: the learner's side among scripted (lexicon) players, also split by
@@ -28,7 +28,7 @@ import torch
 
 from games import GAMES, eval_seed, game_names, make, play_scripted
 from nested import make_game
-from policy import ChatBatch, Policy, load_policy, play, token_logprobs
+from policy import ChatBatch, Policy, load_policy, pad, play, token_logprobs
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -309,23 +309,60 @@ def curves_text_and_png(run_dirs: list[Path], out: Path) -> str:
     return "\n".join(lines + [f"wrote {out}"])
 
 
-def bench(policy: Policy, batch_sizes=(1, 8, 64), max_new_tokens: int = 32) -> dict[int, float]:
-    """New tokens per second when generating replies to a batch of game prompts (no stop at end of turn)."""
-    results = {}
-    for n in batch_sizes:
-        batch = ChatBatch(policy, list(range(n)))
-        for r in range(n):
-            name = list(GAMES)[r % 3]
-            g = make(name).reset(eval_seed(r))
-            batch.add_user(r, g.prompt(g.to_move))
-        stop = policy.stop_ids
-        policy.stop_ids = set()  # measure a fixed number of tokens per row
-        start = time.time()
-        batch.generate(list(range(n)), max_new_tokens)
-        policy.stop_ids = stop
-        results[n] = batch.new_tokens / (time.time() - start)
-        print(f"batch {n:>3}: {results[n]:8.0f} new tokens/s (prompt prefill included)")
-    return results
+def matmul_rate(size: int = 1024, repeats: int = 20) -> float:
+    """This machine's float32 matrix-product rate in GFLOP/s: the yardstick for the costs below."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.time()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size ** 3 * repeats / (time.time() - start) / 1e9
+
+
+def forward_flops(policy: Policy, tokens: int, head_tokens: int) -> float:
+    """FLOPs of a forward pass over `tokens` positions of which `head_tokens` go through the LM head
+    (2 per weight and token, attention's own products left out)."""
+    head = policy.model.get_output_embeddings().weight.numel()
+    body = sum(p.numel() for p in policy.model.get_decoder().parameters()) - policy.model.get_input_embeddings().weight.numel()
+    return 2 * (body * tokens + head * head_tokens)
+
+
+def bench(policy: Policy, instances: int = 4, group_size: int = 8, max_new_tokens: int = 24) -> dict[str, float]:
+    """New tokens per second for the first turn of a default step's Matrix episodes (B instances x G), all
+    sampling max_new_tokens (no stop): the rollout (ChatBatch, as play uses it) against transformers'
+    generate on the same left-padded prompts; each beside the FLOP rate its forward passes need."""
+    rate = matmul_rate()
+    prompts = [make("matrix").reset(eval_seed(b)) for b in range(instances)]
+    batch = ChatBatch(policy, [(b, k) for b in range(instances) for k in range(group_size)])
+    for r in range(batch.n):
+        g = prompts[r // group_size]
+        batch.add_user(r, g.prompt(g.to_move))
+    prompt_ids = [list(batch.pending[r]) for r in range(batch.n)]
+    stop, policy.stop_ids = policy.stop_ids, set()  # a fixed number of tokens per row
+    start = time.time()
+    batch.generate(list(range(batch.n)), max_new_tokens)
+    ours = time.time() - start
+    policy.stop_ids = stop
+    ids, mask, _ = pad(prompt_ids, policy.pad_id, left=True)
+    start = time.time()
+    with torch.no_grad(), policy.autocast():
+        policy.model.generate(input_ids=ids.to(policy.device), attention_mask=mask.to(policy.device), do_sample=True,
+                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=policy.pad_id)
+    theirs = time.time() - start
+    new = batch.n * max_new_tokens
+    unique = sum(len(p) for p in prompt_ids[::group_size])  # prefilled once per group by the rollout
+    flops_ours = forward_flops(policy, unique + new, instances + new)
+    flops_theirs = forward_flops(policy, ids.numel() + new, batch.n + new)
+    result = {"matmul_gflops": rate, "rollout_tokens_per_s": new / ours, "generate_tokens_per_s": new / theirs,
+              "rollout_flop_bound_s": flops_ours / rate / 1e9, "rollout_s": ours, "generate_s": theirs,
+              "generate_flop_bound_s": flops_theirs / rate / 1e9}
+    print(f"matrix products: {rate:.0f} GFLOP/s; first Matrix turn, {instances} x {group_size} episodes, "
+          f"{max_new_tokens} new tokens each:")
+    print(f"  rollout (ChatBatch): {new / ours:7.1f} new tokens/s, {ours:6.2f} s, "
+          f"{result['rollout_flop_bound_s']:.2f} s at the matrix-product rate")
+    print(f"  transformers generate: {new / theirs:5.1f} new tokens/s, {theirs:6.2f} s, "
+          f"{result['generate_flop_bound_s']:.2f} s at the matrix-product rate; rollout x{theirs / ours:.1f}")
+    return result
 
 
 def main(argv=None):

