@@ -322,7 +322,8 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
         logs = update(learner, reference, optimizer, batch, [[row_of.get(r) for r in chunk] for chunk in plan],
                       my_advantages, count / len(plan), ranks, group_size=G,
                       temperature=args.temperature, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
-                      aggregation=args.aggregation, micro_tokens=args.micro_tokens)
+                      aggregation=args.aggregation,
+                      micro_tokens=micro_batch_tokens(learner.model.config, args.micro_batch_gb))
     # 6. Log.
     turns, tokens = sum(s["turns"] for s in all_summaries), sum(s["tokens"] for s in all_summaries)
     totals["turns"] += turns
@@ -371,7 +372,6 @@ def setup(args, ranks):
         policy_lib.checkpointing(learner.model, enable=True)
     if args.train_layers:
         train_top_layers(learner.model, args.train_layers)
-    args.micro_tokens = micro_batch_tokens(learner.model.config, args.micro_batch_gb)
     reference = load(args.start_model) if args.beta > 0 else None
     opponent = None
     if args.opponent == "self":
