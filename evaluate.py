@@ -367,7 +367,8 @@ def bench(policy: Policy, instances: int = 4, group_size: int = 8, max_new_token
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="comma-separated: 'tiny' or local model folders (checkpoints)")
+    parser.add_argument("--model", default="tiny", help="comma-separated: 'tiny', 'smollm2' (as shipped), 'smollm2-sft' (after its format SFT) "
+                        "or local model folders (checkpoints)")
     parser.add_argument("--games", default="matrix,tictactoe,spy", help="comma-separated games")
     parser.add_argument("--n", type=int, default=100, help="seeded games per game and opponent")
     parser.add_argument("--split", default="train", choices=["train", "test", "both"], help="game split (test: held-out templates and words)")

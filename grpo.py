@@ -127,6 +127,8 @@ def parse_args(argv=None):
         for name in ("steps", "instances", "minibatches", "max_new_tokens"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if args.micro_batch_gb <= 0 or args.train_layers < 0:
+            raise ValueError("--micro-batch-gb must be > 0 and --train-layers >= 0")
         if not 0 < args.top_groups <= 1:
             raise ValueError("--top-groups must be in (0, 1]")
         if args.temperature <= 0:

@@ -749,7 +749,7 @@ def test_one_update_on_a_rigged_batch_raises_the_rewarded_reply(tiny):
 @pytest.mark.parametrize("argv,reason", [
     (["--games", "chess"], "unknown game"), (["--group-size", "1"], "group-size"),
     (["--opponent", "eps:x"], "opponent"), (["--opponent", "model:"], "opponent"), (["--steps", "0"], "steps"),
-    (["--credit", "causal", "--nested-reward", "min"], "causal")])
+    (["--credit", "causal", "--nested-reward", "min"], "causal"), (["--micro-batch-gb", "0"], "micro-batch-gb")])
 def test_bad_command_lines_exit_2_with_one_line_reason(argv, reason, capsys):
     with pytest.raises(SystemExit) as exit_info:
         grpo.parse_args(argv)
