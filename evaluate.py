@@ -8,7 +8,7 @@
     python evaluate.py --baselines 1000                 # random and scripted play, N seeded games each
     python evaluate.py --bench --model smollm2          # rollout speed against transformers' generate
 
-Matrix: a "win" is a correct answer under SPEC.md's equilibrium rule. TicTacToe: the learner's seat against
+Matrix: a "win" is a correct answer (games.correct_actions' equilibrium rule). TicTacToe: the learner's seat against
 the random and the expert player. Spy: the learner's side among scripted (lexicon) players, also split by
 the learner's role. Games are played in batches by the training rollout (policy.play). Results also go to
 a JSON file.

@@ -193,7 +193,7 @@ def mixed_equilibria(A: np.ndarray, B: np.ndarray, tol: float = 1e-9) -> list[tu
 
 
 def correct_actions(A, B, player: int) -> list[int]:
-    """0-based actions of `player` (1 or 2) that SPEC.md's rule counts as correct.
+    """0-based actions of `player` (1 or 2) that are correct answers (a selected Nash equilibrium's).
 
     Pure equilibria exist: keep those with the highest joint payoff; every action the player takes in one
     of them is correct. Otherwise: the most probable action(s) of the player's mixed equilibrium strategy."""

@@ -213,17 +213,15 @@ def plan_minibatches(lengths: dict[int, int], group_size: int, n: int, seed: str
     return random.Random(seed).sample(chunks, len(chunks))
 
 
-def micro_batches(batch, rows: list[int], group_size: int, max_tokens: int) -> list[list[int]]:
-    """`rows` in pieces of whole GRPO groups (whose shared prompt then runs once) of at most `max_tokens`
-    padded tokens each; a group larger than that is cut into pieces of its own."""
+def micro_batches(batch, rows: list[int], max_tokens: int) -> list[list[int]]:
+    """`rows` (as planned: a group's episodes side by side, so their shared prompt runs once) in consecutive
+    pieces of at most `max_tokens` padded tokens each; a piece holds at least one row."""
     pieces, piece = [], []
-    groups = [[r for r in rows if r // group_size == g] for g in dict.fromkeys(r // group_size for r in rows)]
-    for group in groups:
-        for k in range(len(group)):
-            if piece and (len(piece) + 1) * max(len(batch.ids[r]) for r in piece + [group[k]]) > max_tokens:
-                pieces.append(piece)
-                piece = []
-            piece.append(group[k])
+    for r in rows:
+        if piece and (len(piece) + 1) * max(len(batch.ids[x]) for x in piece + [r]) > max_tokens:
+            pieces.append(piece)
+            piece = []
+        piece.append(r)
     return pieces + [piece] if piece else pieces
 
 
@@ -231,7 +229,8 @@ def micro_batch_tokens(config, gigabytes: float) -> int:
     """Padded tokens per forward and backward whose saved float32 activations come to about `gigabytes`: per
     token and layer ~6 hidden-size and 4 intermediate-size values and a 1,024-position row of attention
     weights per head (SmolLM2: ~2.3 MB per token; the tiny model: ~50 kB, so its steps never split)."""
-    per_token = 4 * config.num_hidden_layers * (6 * config.hidden_size + 4 * config.intermediate_size
+    intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size  # GPT-2 names it n_inner
+    per_token = 4 * config.num_hidden_layers * (6 * config.hidden_size + 4 * intermediate
                                                  + 1024 * config.num_attention_heads)
     return max(1, int(gigabytes * 1e9 / per_token))
 
@@ -249,7 +248,7 @@ def update(learner, reference, optimizer, batch, minibatches, advantages, normal
     for chunk in minibatches:
         optimizer.zero_grad()
         # this rank's episodes of the minibatch, in pieces whose activations fit in memory (the gradient sums)
-        for rows in micro_batches(batch, [r for r in chunk if r is not None], group_size, micro_tokens):
+        for rows in micro_batches(batch, [r for r in chunk if r is not None], micro_tokens):
             seqs, mask, logp_old = training_tensors(batch, rows)
             mask, logp_old = mask.to(dev), logp_old.to(dev)
             adv = torch.zeros_like(logp_old)  # each reply's advantage on its tokens, shifted as the mask

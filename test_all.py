@@ -692,7 +692,7 @@ def test_micro_batches_sum_to_the_minibatchs_gradient(tiny):
         learner = policy_lib.Policy(copy.deepcopy(tiny.model), tiny.tokenizer, "learner")
         batch = _multi_turn(learner)
         if micro_tokens < 10 ** 9:
-            pieces = grpo.micro_batches(batch, [0, 1, 3], 2, micro_tokens)
+            pieces = grpo.micro_batches(batch, [0, 1, 3], micro_tokens)
             assert len(pieces) == 3 and sorted(sum(pieces, [])) == [0, 1, 3]
         optimizer = torch.optim.SGD(learner.model.parameters(), lr=0.0)
         logs = _update(learner, tiny, optimizer, batch, [0, 1, 3], [1.0, -2.0, 0.0, 0.5], group_size=2,
