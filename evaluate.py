@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from games import GAMES, eval_seed, game_names, make, play_scripted
+from games import eval_seed, game_names, make, play_scripted
 from nested import make_game
 from policy import ChatBatch, Policy, load_policy, pad, play, token_logprobs
 
@@ -466,8 +466,7 @@ def bench(policy: Policy, instances: int = 4, group_size: int = 8, max_new_token
                               max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=policy.pad_id)
     theirs = time.time() - start
     new = batch.n * max_new_tokens
-    unique = sum(len(p) for p in prompt_ids[::group_size])  # prefilled once per group by the rollout
-    flops_ours = forward_flops(policy, unique + new, instances + new)
+    flops_ours = forward_flops(policy, sum(map(len, prompt_ids)) + new, batch.n + new)  # no padding
     flops_theirs = forward_flops(policy, ids.numel() + new, batch.n + new)
     result = {"matmul_gflops": rate, "rollout_tokens_per_s": new / ours, "generate_tokens_per_s": new / theirs,
               "rollout_flop_bound_s": flops_ours / rate / 1e9, "rollout_s": ours, "generate_s": theirs,

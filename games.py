@@ -240,16 +240,10 @@ class MatrixGame(Game):
     """One-shot bimatrix game: the single seat is Player 1 or Player 2 and names an action (1-based)."""
     name, num_seats = "matrix", 1
 
-    def __init__(self, split="train", max_tries=3, game: str | None = None):
-        super().__init__(split, max_tries)
-        if game is not None and game not in MATRIX_GAMES:
-            raise ValueError(f"unknown matrix game {game!r}; valid: {', '.join(MATRIX_GAMES)}")
-        self.fixed_game = game
-
     def reset(self, seed):
         super().reset(seed)
         rng = self.rng
-        self.game_name = self.fixed_game or rng.choice(list(MATRIX_GAMES))
+        self.game_name = rng.choice(list(MATRIX_GAMES))
         A, B = (np.array(m) for m in MATRIX_GAMES[self.game_name])
         self.negated = self.game_name in NEGATABLE and rng.random() < 0.5
         if self.negated:
@@ -338,12 +332,9 @@ class TicTacToe(Game):
     """3x3 TicTacToe. Marks (X/O), who moves first and the learner's seat are drawn at reset."""
     name, num_seats = "tictactoe", 2
 
-    def __init__(self, split="train", max_tries=3, opponent: str = "random", opening_rounds: int = 0):
+    def __init__(self, split="train", max_tries=3, opponent: str = "random"):
         super().__init__(split, max_tries)
         self.opponent, self.random_prob = opponent, opponent_randomness(opponent)
-        if opening_rounds not in (0, 1):
-            raise ValueError("opening_rounds must be 0 or 1")
-        self.opening_rounds = opening_rounds
 
     def reset(self, seed):
         super().reset(seed)
@@ -353,8 +344,6 @@ class TicTacToe(Game):
         self.marks = ("X", "O") if self.rng.random() < 0.5 else ("O", "X")
         self.to_move = self.rng.randrange(2)
         self.roles = ["first" if s == self.to_move else "second" for s in range(2)]  # who moves first
-        for _ in range(self.opening_rounds * 2):  # one random move by each side before the real game
-            self._place(self.to_move, self.rng.choice(self.legal_moves()))
         return self
 
     def legal_moves(self) -> list[int]:

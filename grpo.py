@@ -70,8 +70,6 @@ def parse_args(argv=None):
                         "reward) the part of their sub-game and the later ones")
     p.add_argument("--budget-turns", type=int, default=0,
                    help="stop once the learner has played this many turns (0: run all --steps)")
-    p.add_argument("--budget-tokens", type=int, default=0,
-                   help="stop once the learner has generated this many tokens (0: run all --steps)")
     p.add_argument("--opponent", default="random",
                    help="other seats: random | expert | eps:P (TicTacToe's scripted player; Spy always uses "
                         "its scripted lexicon players), self (a frozen copy of the learner) or model:PATH")
@@ -85,8 +83,6 @@ def parse_args(argv=None):
     p.add_argument("--eps-low", type=float, default=0.2, help="ratio clip below 1")
     p.add_argument("--eps-high", type=float, default=0.28, help="ratio clip above 1")
     p.add_argument("--minibatches", type=int, default=2, help="optimizer steps per rollout batch")
-    p.add_argument("--aggregation", default="token", choices=["token", "sequence"],
-                   help="loss mean over all learner tokens, or per sequence then over sequences")
     p.add_argument("--scale-rewards", default="group", choices=["group", "none"],
                    help="divide advantages by the group std")
     p.add_argument("--top-groups", type=float, default=1.0, help="keep only this fraction of groups, by reward spread")
@@ -115,7 +111,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     args = p.parse_args(argv)
     if args.steps is None:
-        args.steps = 10 ** 9 if args.budget_turns or args.budget_tokens else 250
+        args.steps = 10 ** 9 if args.budget_turns else 250
     try:
         args.games = games.game_names(args.games)
         nested.check_opponent(args.opponent)
@@ -159,11 +155,10 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group", top_fraction: 
     return advantages, keep
 
 
-def grpo_loss(logp, logp_old, logp_ref, advantages, mask, eps_low=0.2, eps_high=0.28, beta=0.04,
-              aggregation="token", normalizer=None):
+def grpo_loss(logp, logp_old, logp_ref, advantages, mask, eps_low=0.2, eps_high=0.28, beta=0.04, normalizer=None):
     """The clipped GRPO objective with a k3 KL penalty. Tensors are [sequences, tokens]; `advantages` is
-    [sequences] or [sequences, tokens]; `mask` is 1 on the learner's sampled tokens. The sum over tokens (or
-    over sequences' means) is divided by `normalizer`, by default this batch's learner tokens (or sequences);
+    [sequences] or [sequences, tokens]; `mask` is 1 on the learner's sampled tokens. The sum over tokens
+    is divided by `normalizer`, by default this batch's learner tokens;
     `update` passes the step's count per minibatch, so that every token of the step weighs the same whatever
     its minibatch. Returns the loss and per-token diagnostics."""
     ratio = torch.exp(logp - logp_old)
@@ -171,10 +166,7 @@ def grpo_loss(logp, logp_old, logp_ref, advantages, mask, eps_low=0.2, eps_high=
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
     k3 = torch.exp(logp_ref - logp) - (logp_ref - logp) - 1 if logp_ref is not None else torch.zeros_like(logp)
     per_token = -surrogate + beta * k3
-    if aggregation == "token":
-        loss = (per_token * mask).sum() / (normalizer or mask.sum().clamp(min=1))
-    else:  # mean over each sequence's tokens, then over sequences
-        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / (normalizer or len(mask))
+    loss = (per_token * mask).sum() / (normalizer or mask.sum().clamp(min=1))
     clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
     return loss, {"kl": k3, "clipped": clipped.float(), "ratio": ratio}
 
@@ -236,10 +228,10 @@ def micro_batch_tokens(config, gigabytes: float) -> int:
 
 
 def update(learner, reference, optimizer, batch, minibatches, advantages, normalizer, ranks, *, group_size,
-           temperature, eps_low, eps_high, beta, aggregation, micro_tokens=10 ** 9) -> dict[str, float]:
+           temperature, eps_low, eps_high, beta, micro_tokens=10 ** 9) -> dict[str, float]:
     """One AdamW step per minibatch of episodes. `batch` holds this rank's episodes and `minibatches` lists
     the step's episodes by their row in `batch` (None: another rank's); the gradient is summed over ranks
-    before each step. `normalizer`: the step's learner tokens (or sequences) per minibatch. `advantages[r]`:
+    before each step. `normalizer`: the step's learner tokens per minibatch. `advantages[r]`:
     one per learner reply of row r. `micro_tokens`: padded tokens per forward and backward (micro_batches)."""
     dev = learner.device
     sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "approx_kl": 0.0, "tokens": 0.0}
@@ -264,8 +256,7 @@ def update(learner, reference, optimizer, batch, minibatches, advantages, normal
             started = time.time()
             logp, entropy = policy_lib.token_logprobs(learner, seqs, temperature, with_entropy=True, only=mask,
                                                       groups=groups)
-            loss, diag = grpo_loss(logp, logp_old, logp_ref, adv, mask, eps_low, eps_high, beta, aggregation,
-                                   normalizer)
+            loss, diag = grpo_loss(logp, logp_old, logp_ref, adv, mask, eps_low, eps_high, beta, normalizer)
             loss.backward()
             seconds["policy_s"] += time.time() - started
             log_ratio = (logp - logp_old).detach()
@@ -317,13 +308,12 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
                                 f"{args.seed}:{step}")
         # episode b * G + k of the step -> its row of this rank's batch (None: another rank's)
         row_of = {b * G + k: i * G + k for i, b in enumerate(my_instances) for k in range(G)}
-        count = sum(all_summaries[r]["tokens"] for r in kept) if args.aggregation == "token" else len(kept)
+        count = sum(all_summaries[r]["tokens"] for r in kept)
         my_advantages = [[float(part_advantages[p][b, k]) for p in all_summaries[b * G + k]["parts"]]
                          for b in my_instances for k in range(G)]  # by row of batch: one per learner reply
         logs = update(learner, reference, optimizer, batch, [[row_of.get(r) for r in chunk] for chunk in plan],
                       my_advantages, count / len(plan), ranks, group_size=G,
                       temperature=args.temperature, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
-                      aggregation=args.aggregation,
                       micro_tokens=micro_batch_tokens(learner.model.config, args.micro_batch_gb))
     # 6. Log.
     turns, tokens = sum(s["turns"] for s in all_summaries), sum(s["tokens"] for s in all_summaries)
@@ -447,9 +437,9 @@ def train(args, ranks=None):
         before = held_out_scores(learner, args, ranks)
         if ranks.main:
             before_path.write_text(json.dumps(before))
-    # With a budget the bar counts what the budget counts (learner turns or tokens), else steps.
-    unit = "turns" if args.budget_turns else "tokens" if args.budget_tokens else None
-    bar = tqdm(total=args.budget_turns or args.budget_tokens or args.steps, unit=f" {unit or 'step'}",
+    # With a budget the bar counts learner turns, else steps.
+    unit = "turns" if args.budget_turns else None
+    bar = tqdm(total=args.budget_turns or args.steps, unit=f" {unit or 'step'}",
                initial=totals[unit] if unit else first_step, desc=f"GRPO ({args.mode})", disable=not ranks.main)
     for step in range(first_step, args.steps):
         if args.opponent == "self" and step % args.self_refresh == 0:
@@ -461,8 +451,7 @@ def train(args, ranks=None):
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics.get('kl', 0):.3f}",
                         tok_s=f"{metrics['tokens_per_s']:.0f}", s_step=f"{metrics['step_s']:.1f}")
         bar.update(metrics[f"learner_{unit}"] if unit else 1)
-        over_budget = (args.budget_turns and totals["turns"] >= args.budget_turns) or \
-                      (args.budget_tokens and totals["tokens"] >= args.budget_tokens)
+        over_budget = args.budget_turns and totals["turns"] >= args.budget_turns
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or over_budget:
             save_checkpoint(learner, optimizer, args, step + 1, totals, ranks)
         if over_budget:

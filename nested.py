@@ -5,7 +5,6 @@
             dialogue, with a hand-over line. A failed sub-game does not stop the episode. The episode's
             return aggregates the sub-game returns R_k (each with its own invalid-reply penalties):
                 mean (GIFT):  R = (1/K) sum_k R_k      min (strict AND):  R = min_k R_k
-                product:      R = prod_k max(R_k, 0)
     mixed:  every episode is one game, drawn uniformly; each GRPO group holds one game.
 Causal credit (grpo.py's default with the mean): a reply in sub-game k is credited with (1/K) sum_{j>=k} R_j,
 the part of the mean it can still change, not the whole return (`credit`).
@@ -19,14 +18,12 @@ random-legal play that the tiny model is warm-started on (policy.py).
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 
 import games
 
-NESTED_REWARDS = {"mean": lambda rs: sum(rs) / len(rs), "min": min,
-                  "product": lambda rs: math.prod(max(r, 0.0) for r in rs)}
+NESTED_REWARDS = {"mean": lambda rs: sum(rs) / len(rs), "min": min}
 
 
 class NestedGame(games.Game):
@@ -81,8 +78,8 @@ class NestedGame(games.Game):
     def returns_to_go(self) -> list[float]:
         """Sub-game k's share of the mean return from k on: (1/K) sum_{j >= k} R_j. A reply in sub-game k
         cannot change a sub-game already over, so crediting it with these instead of the whole return drops
-        terms whose expected gradient is zero (causality) and keeps the mean's objective. The min and the
-        product do not split by sub-game."""
+        terms whose expected gradient is zero (causality) and keeps the mean's objective. The min does not
+        split by sub-game."""
         if self.reward_rule != "mean":
             raise ValueError(f"causal credit needs the mean nested reward, not {self.reward_rule!r}")
         rs = self.sub_rewards()

@@ -39,7 +39,6 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from tqdm import tqdm
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
-from transformers.cache_utils import Cache, DynamicLayer
 from transformers.utils import logging as hf_logging
 
 import games
@@ -241,10 +240,7 @@ class ChatBatch:
         for r, t in tokens.items():
             self.seen[r] += len(t)
         if self.cache is None:  # the first turn
-            self.cache, self.mask = roomy_cache() if SPEED_UPS["roomy_cache"] else DynamicCache(), new_mask.to(dev)
-            if SPEED_UPS["prefill_once"]:
-                return prefill_once(self.policy, ids, new_mask, pos, self.cache)
-            self.mask = self.mask[:, :0]  # the prompt's mask is appended below, as every later turn's
+            self.cache, self.mask = DynamicCache(), new_mask[:, :0].to(dev)
         self.mask = torch.cat([self.mask, new_mask.to(dev)], 1)
         with self.policy.autocast():
             out = self.policy.model(input_ids=ids.to(dev), attention_mask=self.mask, position_ids=pos.to(dev),
@@ -257,8 +253,6 @@ class ChatBatch:
         rows = list(rows)
         if not rows:
             return []
-        if SPEED_UPS["drop_cache_padding"]:
-            drop_cache_padding(self)
         logits = self._forward({r: self.pending[r] for r in rows})
         for r in rows:
             self.pending[r] = []
@@ -345,8 +339,6 @@ def token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1
     all begin with (the group's prompt) through the decoder once and share its keys and values."""
     if checkpointing(policy.model) and policy.model.training:
         groups = None  # checkpointed layers keep no KV cache in training mode, so no prefix can be shared
-    if not SPEED_UPS["shared_prefix"]:
-        groups = None
     logp_all, targets, where = next_token_logprobs(policy, seqs, temperature, only, groups)
     picked = logp_all.gather(-1, targets[..., None]).squeeze(-1)
     entropy = None
@@ -763,84 +755,9 @@ def format_sft(name: str = "smollm2", seed: int = 0, **overrides) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------------ speed-ups
-# Each changes no number (test_all.py turns each off and compares). What each buys, as the default nested
-# step's time (4 x 8 episodes, 2-core CPU, 1.9 s with all on) when that one alone is off:
-SPEED_UPS = {
-    "roomy_cache": True,         # x1.11: new keys and values go into spare room, no copy of the cache per token
-    "drop_cache_padding": True,  # x1.01, and a 20% narrower cache: turns start without earlier turns' padding
-    "prefill_once": True,        # x1.08: a group's shared first prompt goes through the model once
-    "shared_prefix": True,       # x1.19: training log-probs run a group's common prefix (and its gradient) once
-}
-
-
-class RoomyLayer(DynamicLayer):
-    """A KV-cache layer that writes new keys and values into spare room at the end of its buffers. The
-    default DynamicLayer concatenates, i.e. copies every row's whole cache once per generated token."""
-
-    def update(self, keys, values, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(keys, values)
-            self.room_k = self.room_v = None
-        n, length = keys.shape[-2], self.get_seq_length()
-        if self.room_k is None or length + n > self.room_k.shape[-2]:  # double the room, keep what is there
-            room_k = keys.new_empty((*keys.shape[:2], 2 * (length + n) + 64, keys.shape[-1]))
-            room_v = values.new_empty(room_k.shape)
-            if length:
-                room_k[..., :length, :], room_v[..., :length, :] = self.keys, self.values
-            self.room_k, self.room_v = room_k, room_v
-        self.room_k[..., length:length + n, :], self.room_v[..., length:length + n, :] = keys, values
-        self.keys, self.values = self.room_k[..., :length + n, :], self.room_v[..., :length + n, :]
-        return self.keys, self.values
-
-    def reorder_cache(self, rows):  # rows of the batch (finished rows dropped, a prefill copied)
-        self.select(lambda t: t.index_select(0, rows.to(t.device)))
-
-    def select(self, pick):
-        if self.get_seq_length() > 0:
-            self.keys, self.values = pick(self.keys), pick(self.values)
-            self.room_k = self.room_v = None  # the next update makes new room
-
-
-def roomy_cache() -> Cache:
-    return Cache(layer_class_to_replicate=RoomyLayer)
-
-
-def drop_cache_padding(batch: ChatBatch):
-    """Every turn is left-padded to the batch's longest, so without this a row would attend to (and pay
-    for) the padding of all earlier turns. Each row keeps its real cached positions, in order,
-    right-aligned; positions (RoPE) were applied when the keys were computed, so they hold."""
-    if batch.cache is None:
-        return
-    real = batch.mask.bool()
-    width = int(real.sum(1).max())
-    if width == real.shape[1]:
-        return
-    index = torch.argsort(real.to(torch.int8), dim=1, stable=True)[:, -width:]  # padding first, then real
-    batch.mask = batch.mask.gather(1, index)
-    pick = lambda t: t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))
-    for layer in batch.cache.layers:
-        if isinstance(layer, RoomyLayer):
-            layer.select(pick)
-        else:
-            layer.keys, layer.values = pick(layer.keys), pick(layer.values)
-
-
-def prefill_once(policy: Policy, ids, mask, pos, cache):
-    """The first turn: the G rows of a GRPO group share one prompt, so each distinct prompt goes through
-    the model once and its cache rows are copied to the rows that share it. Returns the last position's
-    logits per row."""
-    dev = policy.device
-    unique, copies = torch.unique(torch.cat([ids, mask, pos], 1), dim=0, return_inverse=True)
-    ids, mask, pos = unique.to(dev).split(ids.shape[1], 1)
-    copies = copies.to(dev)
-    with policy.autocast():
-        out = policy.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                           use_cache=True, logits_to_keep=1)
-    cache.reorder_cache(copies)
-    return out.logits[copies, -1].float()
-
-
+# ------------------------------------------------------------------------------------------ speed-up
+# Training log-probs share each GRPO group's prompt (token_logprobs' `groups`): x1.11 of the default nested
+# step, x1.06 of a SmolLM2 TicTacToe step. test_all.py checks it changes no log-prob and no gradient.
 def shared_prefix_states(policy: Policy, seqs: list[list[int]], groups: list, where: torch.Tensor) -> torch.Tensor:
     """The decoder's last hidden states at the positions `where` ([sequences, width - 1]; position t predicts
     token t + 1), with each group's common prefix computed once: the prefixes go through the decoder as one
