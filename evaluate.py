@@ -64,10 +64,11 @@ def play_games(policy, name: str, indices, split: str = "train", opponent: str =
 
 
 def summarize(name: str, played: list[dict]) -> dict:
-    """Win / draw / loss rates and invalid replies per turn, with 95% intervals, and wins by role where a
-    game has roles (Spy: civilian or spy; TicTacToe: moving first or second)."""
+    """Win / draw / loss rates and invalid replies per turn, with 95% intervals, wins by role where a game
+    has roles (Spy: civilian or spy; TicTacToe: moving first or second), and each game's win (for pairing)."""
     n, turns, invalid = len(played), sum(p["turns"] for p in played), sum(p["invalid"] for p in played)
-    row = {"n": n, "turns": turns, "invalid": invalid / max(1, turns), "invalid_ci": wilson(invalid, turns)}
+    row = {"n": n, "turns": turns, "invalid": invalid / max(1, turns), "invalid_ci": wilson(invalid, turns),
+           "wins": [int(p["outcome"] == "win") for p in played]}
     for k in ("win", "draw", "loss"):
         count = sum(p["outcome"] == k for p in played)
         row[k], row[f"{k}_ci"] = count / max(1, n), wilson(count, n)
@@ -84,14 +85,22 @@ def score(policy, names, n: int, split: str = "train", opponent: str = "random",
                                              max_new_tokens, batch_size)) for name in names}
 
 
+def paired_change(before: dict, after: dict) -> str:
+    """The change in win rate over the same games, with its paired 95% interval, in points."""
+    if "wins" not in before or len(before["wins"]) != len(after["wins"]):
+        return "-"
+    d, lo, hi = paired_difference(before["wins"], after["wins"])
+    return f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 def before_after_table(before: dict | None, after: dict) -> str:
-    lines = ["| game | before: win [95% CI] | after: win [95% CI] | after: win by role | after: draw | "
-             "after: invalid replies |", "|---|---|---|---|---|---|"]
+    lines = ["| game | before: win [95% CI] | after: win [95% CI] | change, paired [95% CI] | after: win by role | "
+             "after: draw | after: invalid replies |", "|---|---|---|---|---|---|---|"]
     with_ci = lambda row: f"{row['win']:.1%} [{row['win_ci'][0]:.1%}, {row['win_ci'][1]:.1%}]"
     for name, row in after.items():
-        old = with_ci(before[name]) if before else "-"
+        old, change = (with_ci(before[name]), paired_change(before[name], row)) if before else ("-", "-")
         roles = ", ".join(f"{k[7:]} {v:.1%}" for k, v in row.items() if k.startswith("win_as_")) or "-"
-        lines.append(f"| {name} | {old} | {with_ci(row)} | {roles} | {row['draw']:.1%} | {row['invalid']:.1%} |")
+        lines.append(f"| {name} | {old} | {with_ci(row)} | {change} | {roles} | {row['draw']:.1%} | {row['invalid']:.1%} |")
     return "\n".join(lines)
 
 
@@ -146,12 +155,13 @@ def evaluate_model(policy, names, n, split, temperature) -> dict[str, dict]:
 
 
 def results_table(results: dict[str, dict[str, dict]]) -> str:
-    """Rows: models; columns: game/opponent; cells: win rate [95% CI] (and invalid-reply rate)."""
-    columns = list(next(iter(results.values())))
+    """Rows: models; columns: game/opponent; cells: win rate [95% CI], invalid-reply rate, and for later
+    models the paired change against the first model's same games."""
+    columns, first = list(next(iter(results.values()))), next(iter(results.values()))
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for model, row in results.items():
-        cells = [f"{row[c]['win']:.0%} [{row[c]['win_ci'][0]:.0%}, {row[c]['win_ci'][1]:.0%}] inv {row[c]['invalid']:.0%}"
-                 for c in columns]
+        cells = [f"{row[c]['win']:.1%} [{row[c]['win_ci'][0]:.1%}, {row[c]['win_ci'][1]:.1%}] inv {row[c]['invalid']:.1%}"
+                 + (f" ({paired_change(first[c], row[c])})" if row is not first else "") for c in columns]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
