@@ -16,9 +16,8 @@ import grpo
 import nested
 import policy as policy_lib
 
-# ================================================================================================ games
 
-
+# ==================================================================================================== games
 def test_parse_answer_handles_anything_a_model_can_emit():
     assert games.parse_answer("I think <answer> 2 </answer>") == "2"
     assert games.parse_answer("<answer>1</answer> no, <answer>(2,3)</answer>") == "(2,3)"  # the last one counts
@@ -382,9 +381,106 @@ def test_fuzz_no_reply_raises_or_corrupts_and_every_game_ends(name):
             assert g.forfeited[s] is False or g.outcome(s) == "loss"
 
 
-# =============================================================================================== policy
+def test_training_seeds_never_meet_evaluation_seeds_whatever_the_run_seed():
+    evaluation = {games.eval_seed(i) for i in range(20_000)}
+    for run_seed in range(4):
+        for mode in ("nested", "mixed"):
+            args = grpo.parse_args(["--seed", str(run_seed), "--mode", mode])
+            for step in range(30):
+                for name, seed in _instances(args, step):
+                    g = nested.make_game(name, "train", "random").reset(seed)
+                    played = {sub.seed for sub in getattr(g, "subgames", [g])} | {seed}
+                    assert not played & evaluation, (run_seed, step, name)
+    assert len({s for _, s in _instances(grpo.parse_args(["--seed", "2"]), 0)}) == 4
 
 
+# =================================================================================================== nested
+def _nested(seed=0, reward="mean"):
+    return nested.NestedGame(["matrix", "tictactoe", "spy"], reward=reward).reset(seed)
+
+
+def test_nested_reward_rules_by_hand():
+    assert nested.NESTED_REWARDS["mean"]([1.0, 0.5, 0.0]) == 0.5
+    assert nested.NESTED_REWARDS["min"]([1.0, 0.5, -0.1]) == -0.1
+    with pytest.raises(ValueError, match="mean, min"):
+        nested.NestedGame(["matrix", "spy"], reward="max")
+    for rule in nested.NESTED_REWARDS:
+        g = _nested(3, rule)
+        games.play_scripted(g, ["scripted"] * g.num_seats)
+        assert g.done and g.rewards[0] == pytest.approx(nested.NESTED_REWARDS[rule](g.sub_rewards()))
+
+
+def test_nested_hand_over_and_a_failed_sub_game_does_not_stop_the_episode():
+    g = _nested(1)
+    assert g.to_move == 0 and g.game.name == "matrix" and "[Game" not in g.prompt(0)
+    for _ in range(3):  # the matrix sub-game is forfeited
+        assert not g.step(0, "no idea")
+    assert not g.done and g.game.name == "tictactoe"
+    while g.to_move != 0:
+        g.step(g.to_move, g.scripted_reply(g.to_move))
+    assert g.prompt(0).startswith("[Game 1 of 3 (matrix) is over: you lost. Game 2 of 3: tictactoe.]\n")
+    g.step(0, g.scripted_reply(0))
+    while g.to_move != 0:  # nobody can win TicTacToe in the first three moves
+        g.step(g.to_move, g.scripted_reply(g.to_move))
+    assert g.game.name == "tictactoe" and "[Game" not in g.prompt(0)  # the hand-over is shown once
+    while not g.done:
+        g.step(g.to_move, g.scripted_reply(g.to_move))
+    assert g.sub_rewards()[0] == pytest.approx(-0.3) and g.invalid[0] >= 3
+    assert g.rewards[0] == pytest.approx(sum(g.sub_rewards()) / 3)
+
+
+def test_causal_credit_by_hand():
+    """Matrix won (1), TicTacToe forfeited after three invalid replies (-0.3): the mean return is 0.35; the
+    TicTacToe replies are credited with TicTacToe's part of it alone, -0.3 / 2."""
+    g = nested.NestedGame(["matrix", "tictactoe"]).reset(4)
+    g.step(0, games.answer(games.MatrixGame._action(g.game.correct[0])))
+    while g.to_move != 0:
+        g.step(g.to_move, g.scripted_reply(g.to_move))
+    for _ in range(3):
+        g.step(0, "no idea")
+    assert g.done and g.rewards[0] == pytest.approx(0.35)
+    parts, returns = nested.credit(g, causal=True)
+    assert parts == [0, 1, 1, 1] and returns == pytest.approx([0.35, -0.15])
+    assert nested.credit(g, causal=False) == (None, [g.rewards[0]])
+    with pytest.raises(ValueError, match="mean"):
+        nested.NestedGame(["matrix", "spy"], reward="min").reset(0).returns_to_go()
+
+
+def test_nested_is_reproducible_per_seed():
+    def transcript(seed):
+        g, seen = _nested(seed), []
+        while not g.done:
+            seen.append(g.prompt(g.to_move))
+            g.step(g.to_move, g.scripted_reply(g.to_move))
+        return seen, g.rewards
+    assert transcript(5) == transcript(5) and transcript(5) != transcript(6)
+
+
+def test_nested_learner_mask_covers_exactly_the_learner_tokens_across_sub_games(tiny):
+    episodes = [_nested(s) for s in range(3)]
+    batch = policy_lib.play(tiny, episodes, list(range(len(episodes))), temperature=1.0, max_new_tokens=6)
+    for r, g in enumerate(episodes):
+        assert g.done and all(sub.done for sub in g.subgames)  # a random model forfeits, the episode goes on
+        ids, sampled = batch.ids[r], batch.sampled[r]
+        runs, current = [], None
+        for token, s in zip(ids, sampled):
+            if s and current is None:
+                current = []
+                runs.append(current)
+            if s:
+                current.append(token)
+            else:
+                current = None
+        replies = [m["content"] for m in batch.messages[r] if m["role"] == "assistant"]
+        assert [tiny.decode(run) for run in runs] == replies
+        users = [m["content"] for m in batch.messages[r] if m["role"] == "user"]
+        handovers = [u for u in users if u.startswith("[Game ")]
+        assert len(handovers) == 2  # matrix -> tictactoe, tictactoe -> spy
+        masked_text = tiny.tokenizer.decode([t for t, s in zip(ids, sampled) if not s])
+        assert all(h.split("\n")[0] in masked_text for h in handovers)
+
+
+# =================================================================================================== policy
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """The embedded tiny model at random init (built, saved and reloaded like a Hub model)."""
@@ -607,9 +703,105 @@ def test_sft_on_branch_targets_learns_the_legal_shares_not_the_drawn_reply(tiny)
     assert abs(shares[True][0] - 0.5) < 0.05 and abs(shares[True][1] - 0.5) < 0.05
 
 
-# ================================================================================================= grpo
+def test_logprobs_restricted_to_learner_tokens_match_the_full_computation(tiny):
+    batch = _multi_turn(tiny)
+    seqs, mask, _ = grpo.training_tensors(batch, [0, 1, 3])
+    with torch.no_grad():
+        full, full_entropy = policy_lib.token_logprobs(tiny, seqs, with_entropy=True)
+        part, part_entropy = policy_lib.token_logprobs(tiny, seqs, with_entropy=True, only=mask)
+    assert torch.allclose(full * mask, part, atol=1e-5) and torch.allclose(full_entropy * mask, part_entropy, atol=1e-4)
+    assert (part[mask == 0] == 0).all() and mask.sum() > 10
 
 
+def _grouped_conversations(tiny):
+    """Two GRPO-like groups of three rows (each group one prompt, sampled three times) over two turns,
+    plus a row labelled with group 0 that has a prompt of its own."""
+    batch = policy_lib.ChatBatch(tiny, [(3, r) for r in range(7)])
+    prompts = ["board . X O and more", "another board . . X", "board . X O and more", "a stranger"]
+    for r in range(7):
+        batch.add_user(r, prompts[min(r // 3, 3)] if r < 6 else prompts[3])
+    batch.generate(list(range(7)), max_new_tokens=5)
+    for r in range(7):
+        batch.add_user(r, f"turn 2 of row {r}")
+    batch.generate(list(range(7)), max_new_tokens=4)
+    return batch, [0, 0, 0, 1, 1, 1, 0]
+
+
+def test_shared_prefixes_give_the_same_logprobs_and_gradients_as_whole_sequences(tiny):
+    batch, groups = _grouped_conversations(tiny)
+    rows = list(range(7))
+    seqs, mask, logp_old = grpo.training_tensors(batch, rows)
+    model = tiny.model
+    results = []
+    for labels in (None, groups):
+        model.zero_grad()
+        logp, entropy = policy_lib.token_logprobs(tiny, seqs, with_entropy=True, only=mask, groups=labels)
+        (logp * mask).sum().backward()
+        results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
+    model.zero_grad()
+    (full, full_entropy, full_grads), (shared, shared_entropy, shared_grads) = results
+    assert torch.allclose(full, shared, atol=1e-5) and torch.allclose(full_entropy, shared_entropy, atol=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(full_grads, shared_grads))
+    # ...and both reproduce the log-probs recorded while sampling.
+    ratio = torch.exp(shared - logp_old)[mask.bool()]
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-4) and mask.sum() > 30
+
+
+def test_final_logit_processing_is_applied_and_checked(families):
+    """Gemma-2 softcaps its logits and Cohere scales them: training log-probs must do the same."""
+    import transformers
+    tok = families["qwen2"].tokenizer
+    small = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, pad_token_id=tok.pad_token_id)
+    for config in (transformers.Gemma2Config(final_logit_softcapping=0.5, **small),
+                   transformers.CohereConfig(logit_scale=3.0, **small)):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        policy = policy_lib.Policy(model, tok, config.model_type)
+        policy_lib.check_logits(policy)  # the forward and Policy.logits agree
+        plain = lambda hidden: model.get_output_embeddings()(hidden)
+        policy.logits = plain
+        with pytest.raises(SystemExit, match="final logits"):
+            policy_lib.check_logits(policy)
+
+
+def test_bf16_compute_keeps_float32_master_weights_and_small_updates(families):
+    base = families["qwen2"]
+    policy = policy_lib.Policy(copy.deepcopy(base.model), base.tokenizer, "bf16", precision="bf16")
+    batch = _family_rollout(policy, seed=1)
+    rows = [0, 1, 2]
+    seqs, mask, logp_old = grpo.training_tensors(batch, rows)
+    with torch.no_grad():
+        logp = policy_lib.token_logprobs(policy, seqs, only=mask)
+    assert logp.dtype == torch.float32
+    assert (logp - logp_old)[mask.bool()].abs().max() < 0.1  # bf16: close to, not exactly, the sampling values
+    norms = {n: p.detach().clone() for n, p in policy.model.named_parameters() if "norm" in n}
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-5)
+    _update(policy, None, optimizer, batch, rows, [1.0, -1.0, 0.5], beta=0.0, group_size=3)
+    assert all(p.dtype == torch.float32 for p in policy.model.parameters())
+    assert all(s.dtype == torch.float32 for st in optimizer.state.values() for s in st.values() if torch.is_tensor(s) and s.dim())
+    # Norm weights are 1.0, where bf16's spacing is 2^-7: a 1e-5 step would round away without master weights.
+    moved = [float((p.detach() - norms[n]).abs().max()) for n, p in policy.model.named_parameters() if n in norms]
+    assert min(moved) > 1e-6 and max(moved) < 1e-4
+
+
+def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients(tiny):
+    batch, groups = _grouped_conversations(tiny)
+    seqs, mask, _ = grpo.training_tensors(batch, list(range(7)))
+    results = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(tiny.model).train()
+        if checkpointing:
+            policy_lib.checkpointing(model, enable=True)
+        policy = policy_lib.Policy(model, tiny.tokenizer, "ckpt")
+        logp = policy_lib.token_logprobs(policy, seqs, only=mask, groups=groups)
+        (logp * mask).sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, grads_a), (b, grads_b) = results
+    assert torch.allclose(a, b, atol=1e-5) and all(torch.allclose(x, y, atol=1e-5) for x, y in zip(grads_a, grads_b))
+
+
+# ===================================================================================================== grpo
 def test_group_advantages_by_hand_and_zero_spread_groups_are_dropped():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [1.0, 0.0, 0.0, 0.0]])
     adv, keep = grpo.group_advantages(rewards, "group")
@@ -748,66 +940,6 @@ def test_bad_command_lines_exit_2_with_one_line_reason(argv, reason, capsys):
     assert reason in err and "\n" not in err
 
 
-@pytest.fixture(scope="session")
-def warm():
-    """The default model: the tiny model after its warm start (built on first use, then cached)."""
-    return policy_lib.load_policy("tiny", device="cpu")
-
-
-def test_warm_start_learns_format_and_rules_not_strategy(warm, tiny):
-    """Valid replies at temperature 1, each game alone and inside nested episodes. Measured with the default
-    recipe for seeds 0, 1, 2 (Matrix / TicTacToe / Spy; 200 games alone and 100 nested episodes, another
-    draw): alone 100 / 96.6-98.7 / 99.3-100% valid, nested 100 / 96.0-98.7 / 98.4-99.7%, over all nested
-    turns 97.9-99.2%. Asserted with room for the spread between seeds, which stands in for another machine's
-    floating point: at most 10% invalid turns in every game alone and over nested episodes; a random-init
-    model has almost no valid ones; and no strategy beyond random-legal play."""
-    scores = evaluate.score(warm, list(games.GAMES), 200, temperature=1.0, first=10_000)
-    untrained = evaluate.score(tiny, list(games.GAMES), 20, temperature=1.0, first=10_000)
-    for name, row in scores.items():
-        assert row["invalid"] <= 0.10, (name, row)
-        assert untrained[name]["invalid"] > row["invalid"] + 0.3, (name, row)
-    episodes = [nested.make_game("matrix>tictactoe>spy", "train", "random").reset(games.eval_seed(20_000 + i))
-                for i in range(40)]
-    batch = policy_lib.play(warm, episodes, [(5, i) for i in range(len(episodes))], temperature=1.0)
-    turns = sum(m["role"] == "assistant" for msgs in batch.messages for m in msgs)
-    assert sum(g.invalid[0] for g in episodes) <= 0.10 * turns
-    # Random-legal play on the same seeds: the warm start is close to it, not to the scripted experts.
-    random_rate = {}
-    for name in games.GAMES:
-        wins = 0
-        for i in range(200):
-            g = nested.make_game(name, "train", "random").reset(games.eval_seed(10_000 + i))
-            games.play_scripted(g, ["random" if s == g.learner_seat else "scripted" for s in range(g.num_seats)])
-            wins += g.outcome(g.learner_seat) == "win"
-        random_rate[name] = wins / 200
-    for name in games.GAMES:  # invalid replies cost wins, so the warm start may fall below random-legal
-        assert scores[name]["win"] < random_rate[name] + 0.1, (name, scores[name]["win"], random_rate[name])
-    # Spy descriptions are attributes of the secret word's pair, as random play says them (87-92% for seeds
-    # 0-2); a random-init model's descriptions are not.
-    assert _spy_descriptions_in_pair(warm) >= 0.6
-    assert _spy_descriptions_in_pair(tiny) < 0.05
-
-
-def _spy_descriptions_in_pair(model, n: int = 100) -> float:
-    """The share of a model's Spy descriptions (temperature 1) that are one attribute of its word's pair."""
-    episodes = [nested.make_game("spy").reset(games.eval_seed(30_000 + i)) for i in range(n)]
-    batch = policy_lib.play(model, episodes, [g.seed for g in episodes], temperature=1.0, max_new_tokens=8)
-    said = []
-    for g, messages in zip(episodes, batch.messages):
-        pool = games.pair_attributes(games.PAIR_OF[g.words[g.learner_seat]])
-        said += [games.parse_answer(m["content"]) in pool for m in messages
-                 if m["role"] == "assistant" and "Player" not in m["content"]]
-    return sum(said) / len(said)
-
-
-def _run(model, tmp_path, steps, extra=()):
-    argv = ["--model", model.name, "--games", "matrix,tictactoe,spy", "--steps", str(steps), "--instances", "2",
-            "--group-size", "3", "--eval-games", "3", "--max-new-tokens", "8", "--save-every", "2",
-            "--run-dir", str(tmp_path), *extra]
-    grpo.main(argv)
-    return [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-
-
 def test_causal_credit_gives_each_sub_games_replies_that_parts_advantage(warm, monkeypatch, tmp_path):
     """One default (nested, causal) step: every learner reply's advantage is its group's normalised
     (1/3) sum_{j >= k} R_j for the sub-game k it was in, that sub-game read off the hand-over lines."""
@@ -830,195 +962,20 @@ def test_causal_credit_gives_each_sub_games_replies_that_parts_advantage(warm, m
             assert parts[-1] == 2 and len(set(parts)) == 3
 
 
-def test_training_run_logs_checkpoints_and_resumes_exactly(warm, tmp_path):
-    full = _run(warm, tmp_path / "full", 3)
-    assert [m["step"] for m in full] == [1, 2, 3]
-    for key in ("reward", "reward_std", "frac_reward_zero_std", "completion_length", "tokens_per_s", "step_s"):
-        assert key in full[0]
-    assert any(k.endswith("/win") for k in full[0]) and any("kl" in m for m in full)
-    assert (tmp_path / "full" / "checkpoint" / "model.safetensors").exists()
-    assert (tmp_path / "full" / "before_after.md").read_text().count("|") > 10
-    transcripts = [json.loads(line) for line in open(tmp_path / "full" / "transcripts.jsonl")]
-    assert transcripts and transcripts[0]["messages"][0]["role"] == "user"
-    # Two steps, then a resumed third: the same metrics as the uninterrupted run (timings aside).
-    _run(warm, tmp_path / "split", 2)
-    split = _run(warm, tmp_path / "split", 3, ["--resume"])
-    timing = {"tokens_per_s", "step_s", "rollout_s", "reference_s", "policy_s"}
-    assert [{k: v for k, v in m.items() if k not in timing} for m in split] == \
-           [{k: v for k, v in m.items() if k not in timing} for m in full]
+def test_loss_weighs_every_token_of_the_step_equally_across_minibatches(tiny):
+    """Two minibatches of very different lengths: the mean of their losses is the step's token mean."""
+    learner = policy_lib.Policy(copy.deepcopy(tiny.model), tiny.tokenizer, "learner")
+    batch = _multi_turn(learner)
+    rows, advantages = [0, 1, 3], [1.0, -2.0, 0.0, 0.5]
+    tokens = [sum(batch.sampled[r][1:]) for r in rows]
+    assert max(tokens) > 1.5 * min(tokens)
+    optimizer = torch.optim.SGD(learner.model.parameters(), lr=0.0)  # the ratio stays 1: the loss is -A per token
+    logs = _update(learner, None, optimizer, batch, rows, advantages, minibatches=3, beta=0.0, group_size=1)
+    step_mean = -sum(advantages[r] * n for r, n in zip(rows, tokens)) / sum(tokens)
+    assert logs["loss"] == pytest.approx(step_mean, abs=1e-4)
 
 
-# =============================================================================================== nested
-
-
-def _nested(seed=0, reward="mean"):
-    return nested.NestedGame(["matrix", "tictactoe", "spy"], reward=reward).reset(seed)
-
-
-def test_nested_reward_rules_by_hand():
-    assert nested.NESTED_REWARDS["mean"]([1.0, 0.5, 0.0]) == 0.5
-    assert nested.NESTED_REWARDS["min"]([1.0, 0.5, -0.1]) == -0.1
-    with pytest.raises(ValueError, match="mean, min"):
-        nested.NestedGame(["matrix", "spy"], reward="max")
-    for rule in nested.NESTED_REWARDS:
-        g = _nested(3, rule)
-        games.play_scripted(g, ["scripted"] * g.num_seats)
-        assert g.done and g.rewards[0] == pytest.approx(nested.NESTED_REWARDS[rule](g.sub_rewards()))
-
-
-def test_nested_hand_over_and_a_failed_sub_game_does_not_stop_the_episode():
-    g = _nested(1)
-    assert g.to_move == 0 and g.game.name == "matrix" and "[Game" not in g.prompt(0)
-    for _ in range(3):  # the matrix sub-game is forfeited
-        assert not g.step(0, "no idea")
-    assert not g.done and g.game.name == "tictactoe"
-    while g.to_move != 0:
-        g.step(g.to_move, g.scripted_reply(g.to_move))
-    assert g.prompt(0).startswith("[Game 1 of 3 (matrix) is over: you lost. Game 2 of 3: tictactoe.]\n")
-    g.step(0, g.scripted_reply(0))
-    while g.to_move != 0:  # nobody can win TicTacToe in the first three moves
-        g.step(g.to_move, g.scripted_reply(g.to_move))
-    assert g.game.name == "tictactoe" and "[Game" not in g.prompt(0)  # the hand-over is shown once
-    while not g.done:
-        g.step(g.to_move, g.scripted_reply(g.to_move))
-    assert g.sub_rewards()[0] == pytest.approx(-0.3) and g.invalid[0] >= 3
-    assert g.rewards[0] == pytest.approx(sum(g.sub_rewards()) / 3)
-
-
-def test_causal_credit_by_hand():
-    """Matrix won (1), TicTacToe forfeited after three invalid replies (-0.3): the mean return is 0.35; the
-    TicTacToe replies are credited with TicTacToe's part of it alone, -0.3 / 2."""
-    g = nested.NestedGame(["matrix", "tictactoe"]).reset(4)
-    g.step(0, games.answer(games.MatrixGame._action(g.game.correct[0])))
-    while g.to_move != 0:
-        g.step(g.to_move, g.scripted_reply(g.to_move))
-    for _ in range(3):
-        g.step(0, "no idea")
-    assert g.done and g.rewards[0] == pytest.approx(0.35)
-    parts, returns = nested.credit(g, causal=True)
-    assert parts == [0, 1, 1, 1] and returns == pytest.approx([0.35, -0.15])
-    assert nested.credit(g, causal=False) == (None, [g.rewards[0]])
-    with pytest.raises(ValueError, match="mean"):
-        nested.NestedGame(["matrix", "spy"], reward="min").reset(0).returns_to_go()
-
-
-def test_nested_is_reproducible_per_seed():
-    def transcript(seed):
-        g, seen = _nested(seed), []
-        while not g.done:
-            seen.append(g.prompt(g.to_move))
-            g.step(g.to_move, g.scripted_reply(g.to_move))
-        return seen, g.rewards
-    assert transcript(5) == transcript(5) and transcript(5) != transcript(6)
-
-
-def test_nested_learner_mask_covers_exactly_the_learner_tokens_across_sub_games(tiny):
-    episodes = [_nested(s) for s in range(3)]
-    batch = policy_lib.play(tiny, episodes, list(range(len(episodes))), temperature=1.0, max_new_tokens=6)
-    for r, g in enumerate(episodes):
-        assert g.done and all(sub.done for sub in g.subgames)  # a random model forfeits, the episode goes on
-        ids, sampled = batch.ids[r], batch.sampled[r]
-        runs, current = [], None
-        for token, s in zip(ids, sampled):
-            if s and current is None:
-                current = []
-                runs.append(current)
-            if s:
-                current.append(token)
-            else:
-                current = None
-        replies = [m["content"] for m in batch.messages[r] if m["role"] == "assistant"]
-        assert [tiny.decode(run) for run in runs] == replies
-        users = [m["content"] for m in batch.messages[r] if m["role"] == "user"]
-        handovers = [u for u in users if u.startswith("[Game ")]
-        assert len(handovers) == 2  # matrix -> tictactoe, tictactoe -> spy
-        masked_text = tiny.tokenizer.decode([t for t, s in zip(ids, sampled) if not s])
-        assert all(h.split("\n")[0] in masked_text for h in handovers)
-
-
-# Two processes on this machine with gloo, started as a user starts them: torchrun.
-DDP_ARGS = ["--games", "matrix,tictactoe,spy", "--instances", "3", "--group-size", "3", "--eval-games", "4",
-            "--max-new-tokens", "8", "--save-every", "2"]
-
-
-def _torchrun(n, run_dir, steps, extra=(), wait=True):
-    import subprocess
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "grpo.py",
-               *DDP_ARGS, "--steps", str(steps), "--run-dir", str(run_dir), *extra]
-    process = subprocess.Popen(command, cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    if not wait:
-        return process
-    output = process.communicate(timeout=600)[0]
-    assert process.returncode == 0, output[-3000:]
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-
-
-def _weights(model_dir):
-    from safetensors.torch import load_file
-    return load_file(model_dir / "model.safetensors")
-
-
-def test_two_ranks_make_the_update_of_one_process_and_log_checkpoint_and_resume_like_it(warm, tmp_path):
-    one = _torchrun(1, tmp_path / "one", 3)
-    _torchrun(2, tmp_path / "two", 2)
-    two = _torchrun(2, tmp_path / "two", 3, ["--resume"])  # two steps, then a resumed third
-    assert [m["step"] for m in two] == [1, 2, 3]
-    timing = {"tokens_per_s", "step_s", "rollout_s", "reference_s", "policy_s"}
-    for a, b in zip(one, two):  # the same episodes and the same update, up to the order of float sums
-        assert set(a) == set(b)
-        assert all(b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-4) for k in a if k not in timing), (a, b)
-    w0, w1, w2 = (_weights(d) for d in (policy_lib.warm_start(), tmp_path / "one" / "checkpoint",
-                                        tmp_path / "two" / "checkpoint"))
-    moved = max(float((w1[k] - w0[k]).abs().max()) for k in w1)  # ~6e-4: six AdamW steps at lr 1e-4
-    assert moved > 1e-4 and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 0.1 * moved
-    for name in ("metrics.jsonl", "transcripts.jsonl", "before_after.md", "config.json"):  # rank 0's files
-        assert (tmp_path / "two" / name).exists()
-    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3
-
-
-def test_a_rank_that_dies_ends_the_run_with_a_clear_error_not_a_hang(warm, tmp_path):
-    import signal
-    import time as clock
-    process = _torchrun(2, tmp_path / "run", 1000, wait=False)
-    metrics, started = tmp_path / "run" / "metrics.jsonl", clock.time()
-    while not (metrics.exists() and metrics.read_text().strip()):  # both ranks are training
-        assert process.poll() is None and clock.time() - started < 300
-        clock.sleep(0.5)
-    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-    workers = [int(p) for p in children if b"grpo.py" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    assert len(workers) == 2
-    os.kill(workers[1], signal.SIGKILL)
-    output = process.communicate(timeout=120)[0]  # ends within two minutes
-    assert process.returncode != 0 and "FAILED" in output and "SIGKILL" in output, output[-3000:]
-
-
-def test_grpo_modes_from_the_command_line():
-    assert grpo.parse_args(["--games", "matrix,spy"]).mode == "nested"
-    assert grpo.parse_args(["--games", "matrix,spy", "--mode", "mixed"]).mode == "mixed"
-    assert [grpo.parse_args(a).credit for a in (["--games", "matrix,spy"], ["--games", "matrix,spy", "--mode", "mixed"],
-            ["--nested-reward", "min"])] == ["causal", "episode", "episode"]  # causal only where it can split
-    assert grpo.parse_args(["--games", "spy"]).mode == "single"
-    args = grpo.parse_args(["--games", "matrix,tictactoe", "--instances", "4"])
-    assert {name for name, _ in _instances(args, 0)} == {"matrix>tictactoe"}
-    args = grpo.parse_args(["--games", "matrix,tictactoe", "--mode", "mixed", "--instances", "64"])
-    assert {name for name, _ in _instances(args, 0)} == {"matrix", "tictactoe"}
-    assert _instances(args, 3) == _instances(args, 3) != _instances(args, 4)
-
-
-def test_budgeted_run_stops_at_its_budget_and_logs_what_it_consumed(warm, tmp_path, capsys):
-    run = tmp_path / "budget"
-    args = grpo.parse_args(["--games", "matrix,tictactoe", "--mode", "mixed", "--instances", "2", "--group-size", "2",
-                            "--budget-turns", "12", "--steps", "50", "--eval-games", "0", "--max-new-tokens", "8",
-                            "--run-dir", str(run)])
-    grpo.train(args)
-    metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    totals = [m["total_learner_turns"] for m in metrics]
-    assert totals == list(np.cumsum([m["learner_turns"] for m in metrics]))
-    assert totals[-1] >= 12 and all(t < 12 for t in totals[:-1]) and len(metrics) < 50
-    assert f"consumed: {metrics[-1]['total_episodes']} episodes, {totals[-1]} learner turns" in capsys.readouterr().out
-
-
+# ================================================================================================= evaluate
 def test_comparison_table_has_a_row_per_arm_with_the_mean_and_spread_over_its_seeds():
     result = lambda m, t: {"train": {"matrix": {"win": m}, "spy": {"win": t}}, "test": {"matrix": {"win": m / 2}, "spy": {"win": t / 2}}}
     table = evaluate.comparison_table({"start": [result(0.5, 0.2)], "nested": [result(0.8, 0.4), result(0.6, 0.2)]},
@@ -1127,51 +1084,7 @@ def test_learning_curves_as_text_without_matplotlib(tmp_path, monkeypatch):
     assert "matrix/win" in text and text.splitlines()[-1].split()[:2] == ["3", "0.300"]
 
 
-def test_logprobs_restricted_to_learner_tokens_match_the_full_computation(tiny):
-    batch = _multi_turn(tiny)
-    seqs, mask, _ = grpo.training_tensors(batch, [0, 1, 3])
-    with torch.no_grad():
-        full, full_entropy = policy_lib.token_logprobs(tiny, seqs, with_entropy=True)
-        part, part_entropy = policy_lib.token_logprobs(tiny, seqs, with_entropy=True, only=mask)
-    assert torch.allclose(full * mask, part, atol=1e-5) and torch.allclose(full_entropy * mask, part_entropy, atol=1e-4)
-    assert (part[mask == 0] == 0).all() and mask.sum() > 10
-
-
-def _grouped_conversations(tiny):
-    """Two GRPO-like groups of three rows (each group one prompt, sampled three times) over two turns,
-    plus a row labelled with group 0 that has a prompt of its own."""
-    batch = policy_lib.ChatBatch(tiny, [(3, r) for r in range(7)])
-    prompts = ["board . X O and more", "another board . . X", "board . X O and more", "a stranger"]
-    for r in range(7):
-        batch.add_user(r, prompts[min(r // 3, 3)] if r < 6 else prompts[3])
-    batch.generate(list(range(7)), max_new_tokens=5)
-    for r in range(7):
-        batch.add_user(r, f"turn 2 of row {r}")
-    batch.generate(list(range(7)), max_new_tokens=4)
-    return batch, [0, 0, 0, 1, 1, 1, 0]
-
-
-def test_shared_prefixes_give_the_same_logprobs_and_gradients_as_whole_sequences(tiny):
-    batch, groups = _grouped_conversations(tiny)
-    rows = list(range(7))
-    seqs, mask, logp_old = grpo.training_tensors(batch, rows)
-    model = tiny.model
-    results = []
-    for labels in (None, groups):
-        model.zero_grad()
-        logp, entropy = policy_lib.token_logprobs(tiny, seqs, with_entropy=True, only=mask, groups=labels)
-        (logp * mask).sum().backward()
-        results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
-    model.zero_grad()
-    (full, full_entropy, full_grads), (shared, shared_entropy, shared_grads) = results
-    assert torch.allclose(full, shared, atol=1e-5) and torch.allclose(full_entropy, shared_entropy, atol=1e-4)
-    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(full_grads, shared_grads))
-    # ...and both reproduce the log-probs recorded while sampling.
-    ratio = torch.exp(shared - logp_old)[mask.bool()]
-    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-4) and mask.sum() > 30
-
-
-# ====================================================================================== any chat model
+# =========================================================================================== any chat model
 # Tiny random models of three architectures, each with a chat template written here that has the properties
 # real families have: Qwen2 (a default system prompt, a newline after the end token), Llama-3 (bos, content
 # trimmed, an end-of-turn token that is not eos), Qwen3 (earlier think blocks dropped, a thinking switch).
@@ -1179,11 +1092,15 @@ QWEN2_TEMPLATE = (
     "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|start_header_id|>system<|end_header_id|>\n\n"
     "Cutting Knowledge Date: December 2023\n\n<|eot_id|>{% endif %}"
     "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>"
     "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
 QWEN3_TEMPLATE = (
     "{% set ns = namespace(last_user=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
     "{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
@@ -1195,6 +1112,8 @@ QWEN3_TEMPLATE = (
     "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
 FAMILIES = {  # name: (config class, template, eos, end of turn, bos)
     "llama": ("LlamaConfig", LLAMA3_TEMPLATE, "<|end_of_text|>", "<|eot_id|>", "<|begin_of_text|>"),
     "qwen2": ("Qwen2Config", QWEN2_TEMPLATE, "<|im_end|>", "<|im_end|>", None),
@@ -1204,7 +1123,6 @@ FAMILIES = {  # name: (config class, template, eos, end of turn, bos)
 
 def _family_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
     special = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                "<|end_header_id|>", "<|eot_id|>"]
     tok = Tokenizer(models.BPE())
@@ -1285,7 +1203,7 @@ def _check_user_chunks(policy, messages, user_chunks):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_any_chat_template_multi_turn_sequences_match_the_template_turn_by_turn(families, name):
     policy = families[name]
-    eos, end = FAMILIES[name][2], FAMILIES[name][3]
+    end = FAMILIES[name][3]
     assert policy.end_text == end and policy.tokenizer.convert_ids_to_tokens(policy.end_id) == end
     assert (policy.end_id != policy.tokenizer.eos_token_id) == (name == "llama")  # Llama-3: eot is not eos
     batch = _family_rollout(policy)
@@ -1336,87 +1254,169 @@ def test_thinking_is_off_unless_asked_for(families):
     assert families["qwen2"].template_options == {}  # no switch in the template: nothing is passed
 
 
-def test_final_logit_processing_is_applied_and_checked(families):
-    """Gemma-2 softcaps its logits and Cohere scales them: training log-probs must do the same."""
-    import transformers
-    tok = families["qwen2"].tokenizer
-    small = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=16, pad_token_id=tok.pad_token_id)
-    for config in (transformers.Gemma2Config(final_logit_softcapping=0.5, **small),
-                   transformers.CohereConfig(logit_scale=3.0, **small)):
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config).eval()
-        policy = policy_lib.Policy(model, tok, config.model_type)
-        policy_lib.check_logits(policy)  # the forward and Policy.logits agree
-        plain = lambda hidden: model.get_output_embeddings()(hidden)
-        policy.logits = plain
-        with pytest.raises(SystemExit, match="final logits"):
-            policy_lib.check_logits(policy)
+# ======================================= end to end: warm start, training runs, processes, the command line
+@pytest.fixture(scope="session")
+def warm():
+    """The default model: the tiny model after its warm start (built on first use, then cached)."""
+    return policy_lib.load_policy("tiny", device="cpu")
 
 
-def test_bf16_compute_keeps_float32_master_weights_and_small_updates(families):
-    base = families["qwen2"]
-    policy = policy_lib.Policy(copy.deepcopy(base.model), base.tokenizer, "bf16", precision="bf16")
-    batch = _family_rollout(policy, seed=1)
-    rows = [0, 1, 2]
-    seqs, mask, logp_old = grpo.training_tensors(batch, rows)
-    with torch.no_grad():
-        logp = policy_lib.token_logprobs(policy, seqs, only=mask)
-    assert logp.dtype == torch.float32
-    assert (logp - logp_old)[mask.bool()].abs().max() < 0.1  # bf16: close to, not exactly, the sampling values
-    norms = {n: p.detach().clone() for n, p in policy.model.named_parameters() if "norm" in n}
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-5)
-    _update(policy, None, optimizer, batch, rows, [1.0, -1.0, 0.5], beta=0.0, group_size=3)
-    assert all(p.dtype == torch.float32 for p in policy.model.parameters())
-    assert all(s.dtype == torch.float32 for st in optimizer.state.values() for s in st.values() if torch.is_tensor(s) and s.dim())
-    # Norm weights are 1.0, where bf16's spacing is 2^-7: a 1e-5 step would round away without master weights.
-    moved = [float((p.detach() - norms[n]).abs().max()) for n, p in policy.model.named_parameters() if n in norms]
-    assert min(moved) > 1e-6 and max(moved) < 1e-4
+def test_warm_start_learns_format_and_rules_not_strategy(warm, tiny):
+    """Valid replies at temperature 1, each game alone and inside nested episodes. Measured with the default
+    recipe for seeds 0, 1, 2 (Matrix / TicTacToe / Spy; 200 games alone and 100 nested episodes, another
+    draw): alone 100 / 96.6-98.7 / 99.3-100% valid, nested 100 / 96.0-98.7 / 98.4-99.7%, over all nested
+    turns 97.9-99.2%. Asserted with room for the spread between seeds, which stands in for another machine's
+    floating point: at most 10% invalid turns in every game alone and over nested episodes; a random-init
+    model has almost no valid ones; and no strategy beyond random-legal play."""
+    scores = evaluate.score(warm, list(games.GAMES), 200, temperature=1.0, first=10_000)
+    untrained = evaluate.score(tiny, list(games.GAMES), 20, temperature=1.0, first=10_000)
+    for name, row in scores.items():
+        assert row["invalid"] <= 0.10, (name, row)
+        assert untrained[name]["invalid"] > row["invalid"] + 0.3, (name, row)
+    episodes = [nested.make_game("matrix>tictactoe>spy", "train", "random").reset(games.eval_seed(20_000 + i))
+                for i in range(40)]
+    batch = policy_lib.play(warm, episodes, [(5, i) for i in range(len(episodes))], temperature=1.0)
+    turns = sum(m["role"] == "assistant" for msgs in batch.messages for m in msgs)
+    assert sum(g.invalid[0] for g in episodes) <= 0.10 * turns
+    # Random-legal play on the same seeds: the warm start is close to it, not to the scripted experts.
+    random_rate = {}
+    for name in games.GAMES:
+        wins = 0
+        for i in range(200):
+            g = nested.make_game(name, "train", "random").reset(games.eval_seed(10_000 + i))
+            games.play_scripted(g, ["random" if s == g.learner_seat else "scripted" for s in range(g.num_seats)])
+            wins += g.outcome(g.learner_seat) == "win"
+        random_rate[name] = wins / 200
+    for name in games.GAMES:  # invalid replies cost wins, so the warm start may fall below random-legal
+        assert scores[name]["win"] < random_rate[name] + 0.1, (name, scores[name]["win"], random_rate[name])
+    # Spy descriptions are attributes of the secret word's pair, as random play says them (87-92% for seeds
+    # 0-2); a random-init model's descriptions are not.
+    assert _spy_descriptions_in_pair(warm) >= 0.6
+    assert _spy_descriptions_in_pair(tiny) < 0.05
 
 
-def test_loss_weighs_every_token_of_the_step_equally_across_minibatches(tiny):
-    """Two minibatches of very different lengths: the mean of their losses is the step's token mean."""
-    learner = policy_lib.Policy(copy.deepcopy(tiny.model), tiny.tokenizer, "learner")
-    batch = _multi_turn(learner)
-    rows, advantages = [0, 1, 3], [1.0, -2.0, 0.0, 0.5]
-    tokens = [sum(batch.sampled[r][1:]) for r in rows]
-    assert max(tokens) > 1.5 * min(tokens)
-    optimizer = torch.optim.SGD(learner.model.parameters(), lr=0.0)  # the ratio stays 1: the loss is -A per token
-    logs = _update(learner, None, optimizer, batch, rows, advantages, minibatches=3, beta=0.0, group_size=1)
-    step_mean = -sum(advantages[r] * n for r, n in zip(rows, tokens)) / sum(tokens)
-    assert logs["loss"] == pytest.approx(step_mean, abs=1e-4)
+def _spy_descriptions_in_pair(model, n: int = 100) -> float:
+    """The share of a model's Spy descriptions (temperature 1) that are one attribute of its word's pair."""
+    episodes = [nested.make_game("spy").reset(games.eval_seed(30_000 + i)) for i in range(n)]
+    batch = policy_lib.play(model, episodes, [g.seed for g in episodes], temperature=1.0, max_new_tokens=8)
+    said = []
+    for g, messages in zip(episodes, batch.messages):
+        pool = games.pair_attributes(games.PAIR_OF[g.words[g.learner_seat]])
+        said += [games.parse_answer(m["content"]) in pool for m in messages
+                 if m["role"] == "assistant" and "Player" not in m["content"]]
+    return sum(said) / len(said)
 
 
-def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients(tiny):
-    batch, groups = _grouped_conversations(tiny)
-    seqs, mask, _ = grpo.training_tensors(batch, list(range(7)))
-    results = []
-    for checkpointing in (False, True):
-        model = copy.deepcopy(tiny.model).train()
-        if checkpointing:
-            policy_lib.checkpointing(model, enable=True)
-        policy = policy_lib.Policy(model, tiny.tokenizer, "ckpt")
-        logp = policy_lib.token_logprobs(policy, seqs, only=mask, groups=groups)
-        (logp * mask).sum().backward()
-        results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
-    (a, grads_a), (b, grads_b) = results
-    assert torch.allclose(a, b, atol=1e-5) and all(torch.allclose(x, y, atol=1e-5) for x, y in zip(grads_a, grads_b))
+def _run(model, tmp_path, steps, extra=()):
+    argv = ["--model", model.name, "--games", "matrix,tictactoe,spy", "--steps", str(steps), "--instances", "2",
+            "--group-size", "3", "--eval-games", "3", "--max-new-tokens", "8", "--save-every", "2",
+            "--run-dir", str(tmp_path), *extra]
+    grpo.main(argv)
+    return [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
 
 
-def test_training_seeds_never_meet_evaluation_seeds_whatever_the_run_seed():
-    evaluation = {games.eval_seed(i) for i in range(20_000)}
-    for run_seed in range(4):
-        for mode in ("nested", "mixed"):
-            args = grpo.parse_args(["--seed", str(run_seed), "--mode", mode])
-            for step in range(30):
-                for name, seed in _instances(args, step):
-                    g = nested.make_game(name, "train", "random").reset(seed)
-                    played = {sub.seed for sub in getattr(g, "subgames", [g])} | {seed}
-                    assert not played & evaluation, (run_seed, step, name)
-    assert len({s for _, s in _instances(grpo.parse_args(["--seed", "2"]), 0)}) == 4
+def test_training_run_logs_checkpoints_and_resumes_exactly(warm, tmp_path):
+    full = _run(warm, tmp_path / "full", 3)
+    assert [m["step"] for m in full] == [1, 2, 3]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completion_length", "tokens_per_s", "step_s"):
+        assert key in full[0]
+    assert any(k.endswith("/win") for k in full[0]) and any("kl" in m for m in full)
+    assert (tmp_path / "full" / "checkpoint" / "model.safetensors").exists()
+    assert (tmp_path / "full" / "before_after.md").read_text().count("|") > 10
+    transcripts = [json.loads(line) for line in open(tmp_path / "full" / "transcripts.jsonl")]
+    assert transcripts and transcripts[0]["messages"][0]["role"] == "user"
+    # Two steps, then a resumed third: the same metrics as the uninterrupted run (timings aside).
+    _run(warm, tmp_path / "split", 2)
+    split = _run(warm, tmp_path / "split", 3, ["--resume"])
+    timing = {"tokens_per_s", "step_s", "rollout_s", "reference_s", "policy_s"}
+    assert [{k: v for k, v in m.items() if k not in timing} for m in split] == \
+           [{k: v for k, v in m.items() if k not in timing} for m in full]
 
 
-# ============================================================================== a real chat model: SmolLM2
+# Two processes on this machine with gloo, started as a user starts them: torchrun.
+DDP_ARGS = ["--games", "matrix,tictactoe,spy", "--instances", "3", "--group-size", "3", "--eval-games", "4",
+            "--max-new-tokens", "8", "--save-every", "2"]
+
+
+def _torchrun(n, run_dir, steps, extra=(), wait=True):
+    import subprocess
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "grpo.py",
+               *DDP_ARGS, "--steps", str(steps), "--run-dir", str(run_dir), *extra]
+    process = subprocess.Popen(command, cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    if not wait:
+        return process
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-3000:]
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+def _weights(model_dir):
+    from safetensors.torch import load_file
+    return load_file(model_dir / "model.safetensors")
+
+
+def test_two_ranks_make_the_update_of_one_process_and_log_checkpoint_and_resume_like_it(warm, tmp_path):
+    one = _torchrun(1, tmp_path / "one", 3)
+    _torchrun(2, tmp_path / "two", 2)
+    two = _torchrun(2, tmp_path / "two", 3, ["--resume"])  # two steps, then a resumed third
+    assert [m["step"] for m in two] == [1, 2, 3]
+    timing = {"tokens_per_s", "step_s", "rollout_s", "reference_s", "policy_s"}
+    for a, b in zip(one, two):  # the same episodes and the same update, up to the order of float sums
+        assert set(a) == set(b)
+        assert all(b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-4) for k in a if k not in timing), (a, b)
+    w0, w1, w2 = (_weights(d) for d in (policy_lib.warm_start(), tmp_path / "one" / "checkpoint",
+                                        tmp_path / "two" / "checkpoint"))
+    moved = max(float((w1[k] - w0[k]).abs().max()) for k in w1)  # ~6e-4: six AdamW steps at lr 1e-4
+    assert moved > 1e-4 and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 0.1 * moved
+    for name in ("metrics.jsonl", "transcripts.jsonl", "before_after.md", "config.json"):  # rank 0's files
+        assert (tmp_path / "two" / name).exists()
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_rank_that_dies_ends_the_run_with_a_clear_error_not_a_hang(warm, tmp_path):
+    import signal
+    import time as clock
+    process = _torchrun(2, tmp_path / "run", 1000, wait=False)
+    metrics, started = tmp_path / "run" / "metrics.jsonl", clock.time()
+    while not (metrics.exists() and metrics.read_text().strip()):  # both ranks are training
+        assert process.poll() is None and clock.time() - started < 300
+        clock.sleep(0.5)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    workers = [int(p) for p in children if b"grpo.py" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    output = process.communicate(timeout=120)[0]  # ends within two minutes
+    assert process.returncode != 0 and "FAILED" in output and "SIGKILL" in output, output[-3000:]
+
+
+def test_grpo_modes_from_the_command_line():
+    assert grpo.parse_args(["--games", "matrix,spy"]).mode == "nested"
+    assert grpo.parse_args(["--games", "matrix,spy", "--mode", "mixed"]).mode == "mixed"
+    assert [grpo.parse_args(a).credit for a in (["--games", "matrix,spy"], ["--games", "matrix,spy", "--mode", "mixed"],
+            ["--nested-reward", "min"])] == ["causal", "episode", "episode"]  # causal only where it can split
+    assert grpo.parse_args(["--games", "spy"]).mode == "single"
+    args = grpo.parse_args(["--games", "matrix,tictactoe", "--instances", "4"])
+    assert {name for name, _ in _instances(args, 0)} == {"matrix>tictactoe"}
+    args = grpo.parse_args(["--games", "matrix,tictactoe", "--mode", "mixed", "--instances", "64"])
+    assert {name for name, _ in _instances(args, 0)} == {"matrix", "tictactoe"}
+    assert _instances(args, 3) == _instances(args, 3) != _instances(args, 4)
+
+
+def test_budgeted_run_stops_at_its_budget_and_logs_what_it_consumed(warm, tmp_path, capsys):
+    run = tmp_path / "budget"
+    args = grpo.parse_args(["--games", "matrix,tictactoe", "--mode", "mixed", "--instances", "2", "--group-size", "2",
+                            "--budget-turns", "12", "--steps", "50", "--eval-games", "0", "--max-new-tokens", "8",
+                            "--run-dir", str(run)])
+    grpo.train(args)
+    metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    totals = [m["total_learner_turns"] for m in metrics]
+    assert totals == list(np.cumsum([m["learner_turns"] for m in metrics]))
+    assert totals[-1] >= 12 and all(t < 12 for t in totals[:-1]) and len(metrics) < 50
+    assert f"consumed: {metrics[-1]['total_episodes']} episodes, {totals[-1]} learner turns" in capsys.readouterr().out
+
+
+# ============================================================ a real chat model: SmolLM2 and the benchmarks
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct as shipped, from its registry package (README's test command installs it)."""
