@@ -65,10 +65,10 @@ def play_games(policy, name: str, indices, split: str = "train", opponent: str =
 
 def summarize(name: str, played: list[dict]) -> dict:
     """Win / draw / loss rates and invalid replies per turn, with 95% intervals, wins by role where a game
-    has roles (Spy: civilian or spy; TicTacToe: moving first or second), and each game's win (for pairing)."""
+    has roles (Spy: civilian or spy; TicTacToe: moving first or second), and which games were won ("hits")."""
     n, turns, invalid = len(played), sum(p["turns"] for p in played), sum(p["invalid"] for p in played)
     row = {"n": n, "turns": turns, "invalid": invalid / max(1, turns), "invalid_ci": wilson(invalid, turns),
-           "wins": [int(p["outcome"] == "win") for p in played]}
+           "hits": [int(p["outcome"] == "win") for p in played]}
     for k in ("win", "draw", "loss"):
         count = sum(p["outcome"] == k for p in played)
         row[k], row[f"{k}_ci"] = count / max(1, n), wilson(count, n)
@@ -86,10 +86,11 @@ def score(policy, names, n: int, split: str = "train", opponent: str = "random",
 
 
 def paired_change(before: dict, after: dict) -> str:
-    """The change in win rate over the same games, with its paired 95% interval, in points."""
-    if "wins" not in before or len(before["wins"]) != len(after["wins"]):
+    """The change in the rate of hits (games won, items answered right) over the same games or items, in
+    points, with its paired 95% interval."""
+    if len(before.get("hits", [])) != len(after["hits"]):
         return "-"
-    d, lo, hi = paired_difference(before["wins"], after["wins"])
+    d, lo, hi = paired_difference(before["hits"], after["hits"])
     return f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
@@ -154,16 +155,21 @@ def evaluate_model(policy, names, n, split, temperature) -> dict[str, dict]:
     return out
 
 
-def results_table(results: dict[str, dict[str, dict]]) -> str:
-    """Rows: models; columns: game/opponent; cells: win rate [95% CI], invalid-reply rate, and for later
-    models the paired change against the first model's same games."""
-    columns, first = list(next(iter(results.values()))), next(iter(results.values()))
-    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+def models_table(results: dict[str, dict[str, dict]], cell) -> str:
+    """Rows: models; columns: what they were scored on; cells: `cell(row)` and, for each later model, its
+    paired change against the first model's same games or items."""
+    rows = list(results.values())
+    columns = list(rows[0])
+    lines = ["| model | " + " | ".join(f"{c} (n={rows[0][c]['n']})" for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for model, row in results.items():
-        cells = [f"{row[c]['win']:.1%} [{row[c]['win_ci'][0]:.1%}, {row[c]['win_ci'][1]:.1%}] inv {row[c]['invalid']:.1%}"
-                 + (f" ({paired_change(first[c], row[c])})" if row is not first else "") for c in columns]
+        cells = [cell(row[c]) + (f" ({paired_change(rows[0][c], row[c])})" if row is not rows[0] else "") for c in columns]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def results_table(results: dict[str, dict[str, dict]]) -> str:
+    """Game scores: win rate [95% CI] and the rate of invalid replies."""
+    return models_table(results, lambda r: f"{r['win']:.1%} [{r['win_ci'][0]:.1%}, {r['win_ci'][1]:.1%}] inv {r['invalid']:.1%}")
 
 
 def detail_lines(model: str, row: dict[str, dict]) -> list[str]:
@@ -239,7 +245,7 @@ def mmlu_rows(root: Path) -> list[dict]:
 
 
 def subset(items: list, n: int, seed: int = 0) -> list:
-    """The fixed subset scored: n items drawn with `seed`, in their original order (all when n is 0 or more)."""
+    """The fixed subset scored: n items drawn with `seed`, in their original order (all of them for n <= 0)."""
     if n <= 0 or n >= len(items):
         return items
     return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
@@ -276,7 +282,7 @@ def benchmark_score(policy, items: list[dict]) -> dict:
                for ll, item in zip(logliks, items)]
     raw = sum(pick(ll) == item["gold"] for ll, item in zip(logliks, items))
     return {"accuracy": sum(correct) / len(items), "ci": wilson(sum(correct), len(items)),
-            "raw": raw / len(items), "n": len(items), "correct": correct}
+            "raw": raw / len(items), "n": len(items), "hits": correct}
 
 
 def paired_difference(before: list[int], after: list[int], z: float = 1.959964) -> tuple[float, float, float]:
@@ -286,25 +292,6 @@ def paired_difference(before: list[int], after: list[int], z: float = 1.959964) 
     mean = sum(d) / len(d)
     half = z * math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("inf")
     return mean, mean - half, mean + half
-
-
-def benchmark_table(results: dict[str, dict[str, dict]]) -> str:
-    """Models as rows, benchmarks as columns: accuracy [95%], then each later model's paired change against
-    the first model listed."""
-    models, names = list(results), list(next(iter(results.values())))
-    lines = ["| model | " + " | ".join(f"{b} (n={results[models[0]][b]['n']})" for b in names) + " |",
-             "|---" * (len(names) + 1) + "|"]
-    for model in models:
-        cells = []
-        for b in names:
-            r = results[model][b]
-            cell = f"{r['accuracy']:.1%} [{r['ci'][0]:.1%}, {r['ci'][1]:.1%}]"
-            if model != models[0]:
-                d, lo, hi = paired_difference(results[models[0]][b]["correct"], r["correct"])
-                cell += f" ({100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}])"
-            cells.append(cell)
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def pyplot():
@@ -557,7 +544,7 @@ def main(argv=None):
                 r = results[model][name] = benchmark_score(policy, items)
                 print(f"{model} {name}: {r['accuracy']:.1%} [{r['ci'][0]:.1%}, {r['ci'][1]:.1%}] per char, "
                       f"{r['raw']:.1%} raw, {r['n']} items, {time.perf_counter() - began:.0f} s", file=sys.stderr)
-        print(benchmark_table(results))
+        print(models_table(results, lambda r: f"{r['accuracy']:.1%} [{r['ci'][0]:.1%}, {r['ci'][1]:.1%}]"))
         out = Path(args.out or "benchmarks.json")
         out.write_text(json.dumps(results))
         print(f"results written to {out}")

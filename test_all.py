@@ -1056,11 +1056,11 @@ def test_benchmark_score_normalises_per_character_and_pairs_changes_by_hand(monk
     monkeypatch.setattr(evaluate, "choice_logliks", lambda policy, items: [[-3.0, -5.0], [-3.0, -1.0]])
     result = evaluate.benchmark_score(None, items)
     # per character: -1.5 vs -0.5 picks 1 (right); -1.0 vs -0.5 picks 1 (wrong). Raw: 0 (wrong), 1 (wrong).
-    assert result["correct"] == [1, 0] and result["accuracy"] == 0.5 and result["raw"] == 0.0
+    assert result["hits"] == [1, 0] and result["accuracy"] == 0.5 and result["raw"] == 0.0
     mean, lo, hi = evaluate.paired_difference([1, 1, 0, 0, 1], [1, 0, 1, 1, 1])
     # d = 0 -1 1 1 0: mean 0.2, sample variance 2.8 / 4 = 0.7, half width 1.96 * sqrt(0.7 / 5) = 0.7334
     assert mean == pytest.approx(0.2) and hi - mean == pytest.approx(0.73336, abs=1e-4) and lo == pytest.approx(-0.53336, abs=1e-4)
-    assert evaluate.paired_change({"wins": [1, 1, 0, 0, 1]}, {"wins": [1, 0, 1, 1, 1]}) == "+20.0 [-53.3, +93.3]"
+    assert evaluate.paired_change({"hits": [1, 1, 0, 0, 1]}, {"hits": [1, 0, 1, 1, 1]}) == "+20.0 [-53.3, +93.3]"
     assert evaluate.subset(list(range(100)), 10) == evaluate.subset(list(range(100)), 10) == sorted(evaluate.subset(list(range(100)), 10))
     assert evaluate.subset(list(range(5)), 10) == list(range(5)) and len(set(evaluate.subset(list(range(100)), 10))) == 10
 
