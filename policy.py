@@ -54,9 +54,7 @@ TINY_SPECIAL = ["<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 TINY_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 # Two layers, not more: copying a listed reply, the skill every valid reply needs, is learned from fewer drills
-# by a shallower model (TicTacToe valid at temperature 1 after the warm start, seed 0: 98% with two layers,
-# 94-96% with four), and every token costs less: the warm start takes a third less time, a default GRPO step
-# 2.4 s instead of 4.1 (side by side).
+# by a shallower model, and every token costs less.
 TINY_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True)
 TINY_VERSION = 17  # bump when anything that shapes the tiny model or its warm start changes
@@ -391,8 +389,7 @@ def build_tiny_tokenizer(corpus: list[str]):
     Player 2, an action 3) is one token of its own, the same in the list as in the reply, so a valid reply
     is a copy of one token from the prompt's last line (plain digits would be ambiguous: payoff tables are
     full of them). A pre-token is a run of non-spaces with the space before it, a digit or a board's '.'
-    as much as a word: a separate token for each space made a default nested episode 15% longer (615 tokens
-    against 537)."""
+    as much as a word (a token per space would make every episode longer)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" ?[^\s]+|\s+"), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -668,17 +665,15 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
 # games (a random order each); drill_games: more random games of each game, whose turns with at most
 # mix_choices legal replies, and whose free-text turns, make the drills; in these, a `mistakes` share of the
 # turns with listed choices first get an invalid reply, so that their drill is the game's retry prompt and a
-# legal reply (random play never errs: without these, no drill shows a retry, and half of the warm start's
-# invalid TicTacToe replies were retries gone wrong). Phase 1: drill_steps steps on the drills with at most
-# drill_choices, each kind in its `drill_shares` proportion. Phase 2: `epochs` passes over the transcripts
-# with drills mixed in (half the transcripts' number, as many of each kind), the rate falling linearly to 0
-# over the second half.
+# legal reply (random play never errs, so without these no drill would show a retry). Phase 1: drill_steps
+# steps on the drills with at most drill_choices, each kind in its `drill_shares` proportion. Phase 2: `epochs`
+# passes over the transcripts with drills mixed in (half the transcripts' number, as many of each kind), the
+# rate falling linearly to 0 over the second half.
 # The shares follow what each kind teaches. TicTacToe's free cells are any subset of the nine: a real copy,
-# which a random-init model learns only after ~10^4 drills (measured with four layers; two learn it sooner),
-# the sooner the larger its share of them. Matrix's actions are always 1..n and Spy's vote the three others
-# (both learned within a few hundred steps), while Matrix's prompts are the longest (a payoff table): a full
-# share spent ~45% of the phase on a skill it had early. The descriptions (free text) are per-word facts,
-# learned only from many drills at a constant rate.
+# which a random-init model learns only after many drills, the sooner the larger its share of them. Matrix's
+# actions are always 1..n and Spy's vote the three others (both learned early), while Matrix's prompts are
+# the longest (a payoff table). The descriptions (free text) are per-word facts, learned only from many
+# drills at a constant rate.
 WARM_START = dict(transcripts=500, nested=125, drill_games=1500, drill_choices=4, mix_choices=6, drill_steps=1200,
                   drill_shares={"matrix": 0.25, "tictactoe": 1.0, "spy": 0.5, "free text": 1.0},
                   mistakes=0.15, epochs=2.0, batch_size=32, lr=1e-3)
