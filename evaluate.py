@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import importlib.util
+import itertools
 import json
 import math
 import random
@@ -114,39 +115,19 @@ def before_after_table(before: dict | None, after: dict) -> str:
     return "\n".join(lines)
 
 
-def outcome_rates(outcomes: list[str]) -> dict[str, float]:
-    return {k: outcomes.count(k) / len(outcomes) for k in ("win", "draw", "loss")}
-
-
 def baseline_rows(n: int) -> list[tuple[str, str, dict[str, float]]]:
-    """(game, setting, rates) over evaluation games 0..n-1 for random and scripted play."""
+    """(game, setting, the learner seat's win / draw / loss rates) over evaluation games 0..n-1: the learner's
+    seat and the other seats each played at random or by the game's scripted player (TicTacToe's: the expert)."""
     rows = []
-    for who in ("random", "scripted"):
-        rows.append(("matrix", f"{who} answer", outcome_rates(
-            [play_scripted(make("matrix").reset(eval_seed(i)), [who]).outcome(0) for i in range(n)])))
-    for learner, opponent in [("random", "random"), ("random", "expert"), ("expert", "random"), ("expert", "expert")]:
-        outcomes = []
-        for i in range(n):
-            g = make("tictactoe", opponent="expert").reset(eval_seed(i))
-            players = ["random"] * 2
-            players[g.learner_seat] = "scripted" if learner == "expert" else "random"
-            players[1 - g.learner_seat] = "scripted" if opponent == "expert" else "random"
-            outcomes.append(play_scripted(g, players).outcome(g.learner_seat))
-        rows.append(("tictactoe", f"{learner} vs {opponent}", outcome_rates(outcomes)))
-    for civilians, spy in [("random", "random"), ("scripted", "random"), ("random", "scripted"), ("scripted", "scripted")]:
-        outcomes = []
-        for i in range(n):
-            g = make("spy").reset(eval_seed(i))
-            play_scripted(g, [spy if s == g.spy else civilians for s in range(4)])
-            outcomes.append(g.outcome((g.spy + 1) % 4))
-        rows.append(("spy", f"{civilians} civilians vs {spy} spy", outcome_rates(outcomes)))
-    for who in ("random", "scripted"):  # the learner's view: a random seat among scripted players
-        outcomes = []
-        for i in range(n):
-            g = make("spy").reset(eval_seed(i))
-            play_scripted(g, [who if s == g.learner_seat else "scripted" for s in range(4)])
-            outcomes.append(g.outcome(g.learner_seat))
-        rows.append(("spy", f"{who} seat among scripted", outcome_rates(outcomes)))
+    for name in ("matrix", "tictactoe", "spy"):
+        for me, others in [("random", "-"), ("scripted", "-")] if name == "matrix" else \
+                itertools.product(("random", "scripted"), repeat=2):
+            outcomes = []
+            for i in range(n):
+                g = make(name, **({"opponent": "expert"} if name == "tictactoe" else {})).reset(eval_seed(i))
+                play_scripted(g, [me if s == g.learner_seat else others for s in range(g.num_seats)])
+                outcomes.append(g.outcome(g.learner_seat))
+            rows.append((name, f"{me} vs {others}", {k: outcomes.count(k) / n for k in ("win", "draw", "loss")}))
     return rows
 
 
@@ -179,16 +160,6 @@ def models_table(results: dict[str, dict[str, dict]], cell) -> str:
 def results_table(results: dict[str, dict[str, dict]]) -> str:
     """Game scores: win rate [95% CI] and the rate of invalid replies."""
     return models_table(results, lambda r: f"{r['win']:.1%} [{r['win_ci'][0]:.1%}, {r['win_ci'][1]:.1%}] inv {r['invalid']:.1%}")
-
-
-def detail_lines(model: str, row: dict[str, dict]) -> list[str]:
-    lines = [f"{model}:"]
-    for column, r in row.items():
-        ci = lambda k: f"{r[k]:6.1%} [{r[k + '_ci'][0]:.1%}, {r[k + '_ci'][1]:.1%}]"
-        extra = "".join(f"  win as {k[7:]}: {v:.1%}" for k, v in r.items() if k.startswith("win_as_"))
-        lines.append(f"  {column:<20} win {ci('win')}  draw {ci('draw')}  loss {ci('loss')}  "
-                     f"invalid {ci('invalid')} of {r['turns']} turns{extra}")
-    return lines
 
 
 # ----------------------------------------------------------------- general ability: zero-shot benchmarks
@@ -290,36 +261,10 @@ def benchmark_score(policy, items: list[dict]) -> dict:
             "raw": raw / len(items), "n": len(items), "hits": correct}
 
 
-def pyplot():
-    """matplotlib's pyplot (an optional extra, imported only to draw), or None when it is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 # ----------------------------------------------------------------------------- comparing training runs
 def arm_of(run_dir: Path) -> str:
     """A run's arm: its folder's name without the trailing -seedN (runs of one arm differ only by seed)."""
     return re.sub(r"-seed\d+$", "", Path(run_dir).name)
-
-
-def run_scores(run_dir: Path, names, n: int) -> dict:
-    """A run's final checkpoint on every game, train and held-out split (greedy); kept in the run's folder
-    for as long as the checkpoint is the same."""
-    saved, weights = Path(run_dir) / f"scores-{n}.json", Path(run_dir) / "checkpoint" / "model.safetensors"
-    stamp = [weights.stat().st_size, weights.stat().st_mtime_ns]
-    if saved.exists():
-        kept = json.loads(saved.read_text())
-        if kept.get("checkpoint") == stamp and set(kept["train"]) >= set(names):
-            return kept
-    policy = load_policy(str(Path(run_dir) / "checkpoint"))
-    result = {split: score(policy, names, n, split) for split in ("train", "test")}
-    saved.write_text(json.dumps({**result, "checkpoint": stamp}))
-    return result
 
 
 def comparison_table(results: dict[str, list[dict]], names) -> str:
@@ -341,11 +286,10 @@ def comparison_table(results: dict[str, list[dict]], names) -> str:
 def compare_runs(run_dirs: list[Path], names, n: int, start_model: str | None) -> tuple[str, dict]:
     """Every run's checkpoint scored on every game (and the model they started from), grouped by arm."""
     results = {}
-    if start_model:
-        policy = load_policy(start_model)
-        results["start (before GRPO)"] = [{split: score(policy, names, n, split) for split in ("train", "test")}]
-    for run_dir in run_dirs:
-        results.setdefault(arm_of(run_dir), []).append(run_scores(run_dir, names, n))
+    for arm, path in ([("start (before GRPO)", start_model)] if start_model else []) + \
+            [(arm_of(d), str(d / "checkpoint")) for d in run_dirs]:
+        policy = load_policy(path)
+        results.setdefault(arm, []).append({split: score(policy, names, n, split) for split in ("train", "test")})
     return comparison_table(results, names), results
 
 
@@ -383,9 +327,11 @@ def curves_text_and_png(run_dirs: list[Path], out: Path) -> str:
         lines += [f"{arm} (mean over runs, per span of learner turns)", f"{'turns':>8} " + " ".join(f"{k:>15}" for k in keys)]
         lines += [f"{t:>8.0f} " + " ".join(f"{curve[k][i]:>15.3f}" for k in keys) for i, t in enumerate(curve["turns"])
                   if any(curve[k][i] == curve[k][i] for k in keys)]  # spans without a step are left out
-    plt = pyplot()
-    if plt is None:
+    if importlib.util.find_spec("matplotlib") is None:  # an optional extra, imported only to draw
         return "\n".join(lines + ["(pip install matplotlib for a PNG)"])
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     keys = list(dict.fromkeys(k for c in curves.values() for k in c if k != "turns"))
     fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -483,9 +429,9 @@ def main(argv=None):
         print(curves_text_and_png([Path(r) for r in args.plot], out))
         return
     if args.baselines:
-        print(f"{'game':<11}{'setting (win = learner / civilian side)':<40}{'win':>7}{'draw':>7}{'loss':>7}")
+        print(f"{'game':<11}{'learner seat vs other seats':<30}{'win':>7}{'draw':>7}{'loss':>7}")
         for game, setting, rates in baseline_rows(args.baselines):
-            print(f"{game:<11}{setting:<40}" + "".join(f"{rates[k]:>7.1%}" for k in ("win", "draw", "loss")))
+            print(f"{game:<11}{setting:<30}" + "".join(f"{rates[k]:>7.1%}" for k in ("win", "draw", "loss")))
         return
     if args.bench:
         policy = load_policy(args.model)
@@ -531,7 +477,6 @@ def main(argv=None):
         for split in (["train", "test"] if args.split == "both" else [args.split]):
             row = evaluate_model(policy, names, args.n, split, args.temperature)
             results[f"{model} ({split})"] = row
-            print("\n".join(detail_lines(f"{model} ({split})", row)), file=sys.stderr)
     print(results_table(results))
     out = Path(args.out or "eval.json")
     out.write_text(json.dumps(results, indent=1))

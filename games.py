@@ -1,34 +1,26 @@
 """The three games: Matrix games, TicTacToe and Who's the Spy, behind one turn-based text protocol.
 
-    game = make(name, split="train"|"test", **options)
-    game.reset(seed)            # same seed -> same game, bit for bit
+    game = make(name, split="train"|"test", **options).reset(seed)   # same seed -> same game, bit for bit
     game.num_seats, game.to_move (None once over), game.learner_seat
-    game.prompt(seat) -> str    # what that seat sees now (after an invalid reply: why, and what to answer)
+    game.prompt(seat) -> str         # what that seat sees now (after an invalid reply: why, and what to answer)
     game.step(seat, reply) -> bool   # False for an invalid reply; the state is then unchanged
-    game.done, game.rewards     # one float per seat, final once done
+    game.done, game.rewards          # one float per seat, final once done
 
-A reply carries its move inside <answer>...</answer>. An invalid reply costs its seat INVALID_PENALTY on
-the final reward and the seat tries again (the next prompt says why); after `max_tries` invalid replies in
-a row for one move the seat forfeits, which counts as a loss (reward 0 before penalties). The state did
-not change, and a seat plays as one conversation, so the retry prompt is only the reason and the answer
-instruction, not the whole state again (a 6x6 payoff table each try would triple a Matrix conversation).
-For the same reason a seat's later prompts say what changed since its last turn (TicTacToe: the board and
-the free cells; Spy: the descriptions given since), not the rules and its word again.
-Every prompt that asks for a choice ends with the list of them (games.CHOICES), written as in the reply.
-
-Every seat can be played without a language model: `game.scripted_reply(seat)` is the game's scripted
-opponent (the expert answer for Matrix, random/expert/eps:P for TicTacToe, the lexicon player for Spy) and
-`game.random_reply(seat)` a uniformly random one of `game.random_replies(seat)` (the legal moves; for a Spy
-description, an attribute of the word's pair). `python games.py` prints one transcript of each
-game (`python evaluate.py --baselines 1000` measures scripted and random play).
+A reply carries its move inside <answer>...</answer>. An invalid reply costs its seat INVALID_PENALTY and the
+seat tries again; after `max_tries` invalid replies in a row for one move it forfeits (a loss). A seat plays
+as one conversation, so a prompt says only what changed since the seat's last turn (a retry prompt: the
+reason and the instruction), and every prompt that asks for a choice ends with the list of them.
+`game.scripted_reply(seat)` is the game's scripted player (Matrix: the correct answer; TicTacToe: random,
+expert or eps:P; Spy: a lexicon player), `game.random_reply(seat)` a random legal one. `python games.py`
+prints one game of each.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import random
 import re
+import sys
 
 import numpy as np
 
@@ -637,10 +629,8 @@ class Spy(Game):
         return [(seat + d) % 4 for d in (1, 2, 3)]
 
     def random_replies(self, seat):
-        """A vote, or a description that is one attribute of the seat's word pair: shared, its own word's or
-        the partner's, so one time in three it points at the other word. A pretrained model knows what a word
-        evokes; the tiny model learns only this from random play (warm start), and which attributes are safe
-        to say, and whom to vote for, is left to GRPO."""
+        """A vote, or a description that is one attribute of the seat's word pair (its own word's, the
+        partner's or shared): what random play, and so the tiny model's warm start, says."""
         if self.phase < self.ROUNDS:
             return [answer(a) for a in pair_attributes(PAIR_OF[self.words[seat]])]
         return self.legal_replies(seat)
@@ -658,17 +648,13 @@ def game_names(text: str) -> list[str]:
     """'matrix, spy' -> ['matrix', 'spy'], the command lines' --games; ValueError on an unknown name."""
     names = [g.strip() for g in text.split(",") if g.strip()]
     for name in names or [text]:
-        check_game(name)
+        if name not in GAMES:
+            raise ValueError(f"unknown game {name!r}; valid games: {', '.join(GAMES)}")
     return names
 
 
-def check_game(name: str):
-    if name not in GAMES:
-        raise ValueError(f"unknown game {name!r}; valid games: {', '.join(GAMES)}")
-
-
 def make(name: str, split: str = "train", **options) -> Game:
-    check_game(name)
+    game_names(name)
     try:
         return GAMES[name](split=split, **options)
     except TypeError as error:  # an option the game does not take
@@ -688,18 +674,14 @@ def play_scripted(game: Game, players) -> Game:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=0, help="seed of the demo games")
-    parser.add_argument("--split", default="train", choices=["train", "test"], help="train or held-out split")
-    args = parser.parse_args()
+    """`python games.py [SEED]`: one game of each, scripted players in every seat, the learner's prompts shown."""
+    seed = int(sys.argv[1]) if sys.argv[1:] else 0
     for name in GAMES:
-        game = make(name, split=args.split).reset(args.seed)
-        print(f"{'=' * 30} {name} (seed {args.seed}, learner is seat {game.learner_seat}) {'=' * 30}")
+        game = make(name).reset(seed)
+        print(f"{'=' * 30} {name} (seed {seed}, learner is seat {game.learner_seat}) {'=' * 30}")
         while not game.done:
-            seat = game.to_move
-            if seat == game.learner_seat:
-                print(f"--- prompt to seat {seat}:\n{game.prompt(seat)}")
-            reply = game.scripted_reply(seat)
+            seat, reply = game.to_move, game.scripted_reply(game.to_move)
+            print(f"--- prompt to seat {seat}:\n{game.prompt(seat)}" if seat == game.learner_seat else "", end="")
             print(f"--- seat {seat} replies: {reply}")
             game.step(seat, reply)
         print(f"--- rewards: {game.rewards}\n")

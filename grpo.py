@@ -112,27 +112,21 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = 10 ** 9 if args.budget_turns else 250
+    problems = [message for ok, message in [
+        (args.group_size >= 2, "--group-size must be at least 2 (GRPO compares episodes within a group)"),
+        (min(args.steps, args.instances, args.minibatches, args.max_new_tokens) >= 1,
+         "--steps, --instances, --minibatches and --max-new-tokens must be at least 1"),
+        (args.seed >= 0 and args.train_layers >= 0, "--seed and --train-layers must be non-negative"),
+        (args.micro_batch_gb > 0 and args.temperature > 0, "--micro-batch-gb and --temperature must be > 0"),
+        (0 < args.top_groups <= 1, "--top-groups must be in (0, 1]"),
+        (args.credit != "causal" or args.nested_reward == "mean", "--credit causal needs --nested-reward mean")] if not ok]
     try:
         args.games = games.game_names(args.games)
         nested.check_opponent(args.opponent)
-        if args.group_size < 2:
-            raise ValueError("--group-size must be at least 2 (GRPO compares episodes within a group), "
-                             f"got {args.group_size}")
-        if args.seed < 0:
-            raise ValueError("--seed must be non-negative")
-        for name in ("steps", "instances", "minibatches", "max_new_tokens"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if args.micro_batch_gb <= 0 or args.train_layers < 0:
-            raise ValueError("--micro-batch-gb must be > 0 and --train-layers >= 0")
-        if not 0 < args.top_groups <= 1:
-            raise ValueError("--top-groups must be in (0, 1]")
-        if args.temperature <= 0:
-            raise ValueError("--temperature must be > 0 for GRPO rollouts")
-        if args.credit == "causal" and args.nested_reward != "mean":
-            raise ValueError(f"--credit causal needs --nested-reward mean (a {args.nested_reward} does not split)")
     except ValueError as error:
-        p.exit(2, f"grpo.py: error: {error}\n")
+        problems.insert(0, str(error))
+    if problems:
+        p.exit(2, f"grpo.py: error: {problems[0]}\n")
     args.mode = "single" if len(args.games) == 1 else (args.mode or "nested")
     args.credit = args.credit or ("causal" if args.mode == "nested" and args.nested_reward == "mean" else "episode")
     args.run_dir = Path(args.run_dir or f"runs/{args.mode}-{'-'.join(args.games)}-seed{args.seed}")
@@ -140,27 +134,25 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- GRPO
-def group_advantages(rewards: torch.Tensor, scale: str = "group", top_fraction: float = 1.0):
-    """rewards: [groups, G]. Returns advantages [groups, G] and the mask of groups that are kept
-    (reward spread > 0, and among the top `top_fraction` of groups by spread)."""
-    mean = rewards.mean(1, keepdim=True)
-    std = rewards.std(1, unbiased=False, keepdim=True)
-    advantages = rewards - mean
+def group_advantages(returns: torch.Tensor, scale: str = "group", top_fraction: float = 1.0):
+    """returns: [groups, G] or [groups, G, parts], normalised within each group (dimension 1). Returns the
+    advantages and the mask of groups that are kept: a spread of the whole return (part 0) above zero, and
+    among the top `top_fraction` of groups by that spread."""
+    std = returns.std(1, unbiased=False, keepdim=True)
+    advantages = returns - returns.mean(1, keepdim=True)
     if scale == "group":
         advantages = advantages / (std + 1e-4)
-    keep = std.squeeze(1) > 0
+    spread = std.flatten(1)[:, 0]
+    keep = spread > 0
     if top_fraction < 1.0 and keep.any():
-        k = max(1, round(top_fraction * len(rewards)))
-        keep &= torch.zeros_like(keep).scatter(0, std.squeeze(1).topk(k).indices, True)
+        keep &= torch.zeros_like(keep).scatter(0, spread.topk(max(1, round(top_fraction * len(keep)))).indices, True)
     return advantages, keep
 
 
 def grpo_loss(logp, logp_old, logp_ref, advantages, mask, eps_low=0.2, eps_high=0.28, beta=0.04, normalizer=None):
-    """The clipped GRPO objective with a k3 KL penalty. Tensors are [sequences, tokens]; `advantages` is
-    [sequences] or [sequences, tokens]; `mask` is 1 on the learner's sampled tokens. The sum over tokens
-    is divided by `normalizer`, by default this batch's learner tokens;
-    `update` passes the step's count per minibatch, so that every token of the step weighs the same whatever
-    its minibatch. Returns the loss and per-token diagnostics."""
+    """The clipped GRPO objective with a k3 KL penalty. Tensors are [sequences, tokens] (`advantages` may be
+    [sequences]); `mask` is 1 on the learner's sampled tokens. The sum over tokens is divided by `normalizer`
+    (default: this batch's learner tokens). Returns the loss and per-token diagnostics."""
     ratio = torch.exp(logp - logp_old)
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
@@ -181,16 +173,24 @@ def token_advantages(sampled: list[int], reply_advantages: list[float]) -> list[
     return out
 
 
-def training_tensors(batch, rows):
-    """The learner's sequences for `rows`: token ids, the mask of sampled tokens and their sampling-time
-    log-probs, shifted by one so that position t holds the prediction of token t+1."""
-    width = max(len(batch.ids[r]) for r in rows) - 1
-    mask, logp_old = torch.zeros(len(rows), width), torch.zeros(len(rows), width)
-    for k, r in enumerate(rows):
-        n = len(batch.ids[r]) - 1
-        mask[k, :n] = torch.tensor(batch.sampled[r][1:], dtype=torch.float)
-        logp_old[k, :n] = torch.tensor(batch.logprobs[r][1:])
-    return [batch.ids[r] for r in rows], mask, logp_old
+def training_tensors(episodes: list[dict]):
+    """Episodes (batch_episodes) as the update needs them: the token ids, and [episodes, tokens - 1] tensors
+    of the sampled mask, the sampling-time log-probs and the advantages, shifted by one so that position t
+    holds the prediction of token t + 1."""
+    width = max(len(e["ids"]) for e in episodes) - 1
+    tensors = {key: torch.zeros(len(episodes), width) for key in ("sampled", "logprobs", "advantages")}
+    for k, e in enumerate(episodes):
+        for key, t in tensors.items():
+            t[k, :len(e["ids"]) - 1] = torch.tensor(e[key][1:], dtype=torch.float)
+    return [e["ids"] for e in episodes], tensors["sampled"], tensors["logprobs"], tensors["advantages"]
+
+
+def batch_episodes(batch, rows: list[int], reply_advantages: list[list[float]] | None = None, groups=None):
+    """Rows of a policy.ChatBatch as episodes for the update ({"ids", "sampled", "logprobs", "advantages"} per
+    token, and the "group" whose episodes share a prompt), with each reply's advantage on its tokens."""
+    return [{"ids": batch.ids[r], "sampled": batch.sampled[r], "logprobs": batch.logprobs[r], "group": (groups or rows)[k],
+             "advantages": token_advantages(batch.sampled[r], reply_advantages[k]) if reply_advantages else
+             [0.0] * len(batch.ids[r])} for k, r in enumerate(rows)]
 
 
 def plan_minibatches(lengths: dict[int, int], group_size: int, n: int, seed: str) -> list[list[int]]:
@@ -205,15 +205,15 @@ def plan_minibatches(lengths: dict[int, int], group_size: int, n: int, seed: str
     return random.Random(seed).sample(chunks, len(chunks))
 
 
-def micro_batches(batch, rows: list[int], max_tokens: int) -> list[list[int]]:
-    """`rows` (as planned: a group's episodes side by side, so their shared prompt runs once) in consecutive
-    pieces of at most `max_tokens` padded tokens each; a piece holds at least one row."""
+def micro_batches(episodes: list[dict], max_tokens: int) -> list[list[dict]]:
+    """`episodes` (as planned: a group's side by side, so their shared prompt runs once) in consecutive
+    pieces of at most `max_tokens` padded tokens each; a piece holds at least one episode."""
     pieces, piece = [], []
-    for r in rows:
-        if piece and (len(piece) + 1) * max(len(batch.ids[x]) for x in piece + [r]) > max_tokens:
+    for e in episodes:
+        if piece and (len(piece) + 1) * max(len(x["ids"]) for x in piece + [e]) > max_tokens:
             pieces.append(piece)
             piece = []
-        piece.append(r)
+        piece.append(e)
     return pieces + [piece] if piece else pieces
 
 
@@ -227,37 +227,31 @@ def micro_batch_tokens(config, gigabytes: float) -> int:
     return max(1, int(gigabytes * 1e9 / per_token))
 
 
-def update(learner, reference, optimizer, batch, minibatches, advantages, normalizer, ranks, *, group_size,
-           temperature, eps_low, eps_high, beta, micro_tokens=10 ** 9) -> dict[str, float]:
-    """One AdamW step per minibatch of episodes. `batch` holds this rank's episodes and `minibatches` lists
-    the step's episodes by their row in `batch` (None: another rank's); the gradient is summed over ranks
-    before each step. `normalizer`: the step's learner tokens per minibatch. `advantages[r]`:
-    one per learner reply of row r. `micro_tokens`: padded tokens per forward and backward (micro_batches)."""
+def update(learner, reference, optimizer, minibatches: list[list[dict]], normalizer: float, ranks, args) -> dict:
+    """One AdamW step per minibatch of this rank's episodes (batch_episodes), the gradient summed over ranks
+    before each step. `normalizer`: the step's learner tokens per minibatch. `args`: temperature, eps_low,
+    eps_high, beta and micro_batch_gb (activations per forward and backward, see micro_batch_tokens)."""
     dev = learner.device
     sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "approx_kl": 0.0, "tokens": 0.0}
     grad_norms, seconds = [], {"reference_s": 0.0, "policy_s": 0.0}  # where the update's time goes
-    params = trainable(learner.model)
+    params, max_tokens = trainable(learner.model), micro_batch_tokens(learner.model.config, args.micro_batch_gb)
     learner.model.train()
-    for chunk in minibatches:
+    for minibatch in minibatches:
         optimizer.zero_grad()
-        # this rank's episodes of the minibatch, in pieces whose activations fit in memory (the gradient sums)
-        for rows in micro_batches(batch, [r for r in chunk if r is not None], micro_tokens):
-            seqs, mask, logp_old = training_tensors(batch, rows)
-            mask, logp_old = mask.to(dev), logp_old.to(dev)
-            adv = torch.zeros_like(logp_old)  # each reply's advantage on its tokens, shifted as the mask
-            for k, r in enumerate(rows):
-                adv[k, :len(batch.ids[r]) - 1] = torch.tensor(token_advantages(batch.sampled[r], advantages[r])[1:])
-            groups = [r // group_size for r in rows]
+        for piece in micro_batches(minibatch, max_tokens):  # pieces whose activations fit in memory
+            seqs, mask, logp_old, adv = (x.to(dev) if torch.is_tensor(x) else x for x in training_tensors(piece))
+            groups = [e["group"] for e in piece]
             started = time.time()
             logp_ref = None
-            if beta > 0:
+            if args.beta > 0:
                 with torch.no_grad():
-                    logp_ref = policy_lib.token_logprobs(reference, seqs, temperature, only=mask, groups=groups)
+                    logp_ref = policy_lib.token_logprobs(reference, seqs, args.temperature, only=mask, groups=groups)
             seconds["reference_s"] += time.time() - started
             started = time.time()
-            logp, entropy = policy_lib.token_logprobs(learner, seqs, temperature, with_entropy=True, only=mask,
+            logp, entropy = policy_lib.token_logprobs(learner, seqs, args.temperature, with_entropy=True, only=mask,
                                                       groups=groups)
-            loss, diag = grpo_loss(logp, logp_old, logp_ref, adv, mask, eps_low, eps_high, beta, normalizer)
+            loss, diag = grpo_loss(logp, logp_old, logp_ref, adv, mask, args.eps_low, args.eps_high, args.beta,
+                                   normalizer)
             loss.backward()
             seconds["policy_s"] += time.time() - started
             log_ratio = (logp - logp_old).detach()
@@ -284,52 +278,47 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
     G = args.group_size
     # 1. Plan: the step's B instances; this rank plays instances rank, rank + N, ... (whole groups).
     instances = nested.step_instances(args.games, args.mode, args.seed, step, args.instances)
-    my_instances = list(range(ranks.rank, args.instances, ranks.world))
+    mine = list(range(ranks.rank, args.instances, ranks.world))
     episodes = [nested.make_game(instances[b][0], "train", args.opponent, args.nested_reward)
-                .reset(instances[b][1]) for b in my_instances for _ in range(G)]
+                .reset(instances[b][1]) for b in mine for _ in range(G)]
     # 2. Play. Each episode samples from its own stream, named by its instance's seed and its place in the group.
-    keys = [(instances[b][1], k) for b in my_instances for k in range(G)]
+    keys = [(instances[b][1], k) for b in mine for k in range(G)]
     batch = policy_lib.play(learner, episodes, keys, args.temperature, args.max_new_tokens, opponent)
     rollout_seconds = time.time() - started
-    # 3. Rewards of every episode of the step, from every rank, in instance order.
-    my_summaries = [[nested.summary(episodes[row], batch, row, args.credit == "causal")
-                     for row in range(i * G, (i + 1) * G)] for i in range(len(my_instances))]
-    group_summaries = ranks.gather_instances(my_summaries, args.instances)
-    all_summaries = [s for group in group_summaries for s in group]
-    rewards = torch.tensor([[s["reward"] for s in group] for group in group_summaries])
-    # 4. Advantages per group and part (sub-game, with causal credit); groups without a spread are dropped.
-    _, keep = group_advantages(rewards, args.scale_rewards, args.top_groups)
-    part_advantages = [group_advantages(torch.tensor([[s["returns"][p] for s in group] for group in group_summaries]),
-                                        args.scale_rewards)[0] for p in range(len(all_summaries[0]["returns"]))]
+    # 3. Returns of every episode of the step, from every rank, in instance order: [B, G, parts], where part 0
+    # is the episode's reward and, with causal credit, part k a sub-game's return-to-go.
+    summaries = ranks.gather_instances([[nested.summary(episodes[i * G + k], batch, i * G + k, args.credit == "causal")
+                                         for k in range(G)] for i in range(len(mine))], args.instances)
+    returns = torch.tensor([[s["returns"] for s in group] for group in summaries])
+    rewards = returns[..., 0]
+    # 4. Advantages per group and part; groups whose rewards are all equal are dropped.
+    advantages, keep = group_advantages(returns, args.scale_rewards, args.top_groups)
     kept = [b * G + k for b in range(args.instances) if keep[b] for k in range(G)]
-    # 5. Update: minibatches planned over the step's episodes alike on every rank, each rank training its own.
+    # 5. Update: minibatches planned over the step's kept episodes alike on every rank, each rank training its own.
     logs = {}
     if kept:
-        plan = plan_minibatches({r: all_summaries[r]["length"] for r in kept}, G, args.minibatches,
+        plan = plan_minibatches({e: summaries[e // G][e % G]["length"] for e in kept}, G, args.minibatches,
                                 f"{args.seed}:{step}")
-        # episode b * G + k of the step -> its row of this rank's batch (None: another rank's)
-        row_of = {b * G + k: i * G + k for i, b in enumerate(my_instances) for k in range(G)}
-        count = sum(all_summaries[r]["tokens"] for r in kept)
-        my_advantages = [[float(part_advantages[p][b, k]) for p in all_summaries[b * G + k]["parts"]]
-                         for b in my_instances for k in range(G)]  # by row of batch: one per learner reply
-        logs = update(learner, reference, optimizer, batch, [[row_of.get(r) for r in chunk] for chunk in plan],
-                      my_advantages, count / len(plan), ranks, group_size=G,
-                      temperature=args.temperature, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
-                      micro_tokens=micro_batch_tokens(learner.model.config, args.micro_batch_gb))
+        my_episodes = dict(zip([b * G + k for b in mine for k in range(G)], batch_episodes(
+            batch, range(batch.n), [[float(advantages[b, k, p]) for p in summaries[b][k]["parts"]]
+                                    for b in mine for k in range(G)], [b for b in mine for _ in range(G)])))
+        count = sum(summaries[e // G][e % G]["tokens"] for e in kept)
+        logs = update(learner, reference, optimizer, [[my_episodes[e] for e in chunk if e in my_episodes]
+                                                      for chunk in plan], count / len(plan), ranks, args)
     # 6. Log.
-    turns, tokens = sum(s["turns"] for s in all_summaries), sum(s["tokens"] for s in all_summaries)
+    flat = [s for group in summaries for s in group]
+    turns, tokens = sum(s["turns"] for s in flat), sum(s["tokens"] for s in flat)
     totals["turns"] += turns
     totals["tokens"] += tokens
-    totals["episodes"] += len(all_summaries)
+    totals["episodes"] += len(flat)
     if ranks.main:
         save_transcripts(args, step, episodes, batch)
-    new_tokens, slowest_rollout = ranks.sum([batch.new_tokens])[0], ranks.max(rollout_seconds)
+    new_tokens, slowest_rollout = ranks.sum([batch.new_tokens])[0], ranks.sum([rollout_seconds], "MAX")[0]
     return {"step": step + 1, "reward": rewards.mean().item(),
             "reward_std": rewards.std(1, unbiased=False).mean().item(),
             "frac_reward_zero_std": (rewards.std(1) == 0).float().mean().item(),
-            "completion_length": tokens / len(all_summaries),
-            "episode_tokens": float(np.mean([s["length"] for s in all_summaries])),
-            **logs, **nested.game_stats([r for s in all_summaries for r in s["results"]]),
+            "completion_length": tokens / len(flat), "episode_tokens": float(np.mean([s["length"] for s in flat])),
+            **logs, **nested.game_stats([r for s in flat for r in s["results"]]),
             "learner_turns": turns, "learner_tokens": tokens, "total_episodes": totals["episodes"],
             "total_learner_turns": totals["turns"], "total_learner_tokens": totals["tokens"],
             "tokens_per_s": new_tokens / slowest_rollout, "rollout_s": slowest_rollout, "step_s": time.time() - started}
@@ -502,19 +491,13 @@ class Ranks:
         parts = self.gather(mine)
         return [parts[b % self.world][b // self.world] for b in range(n)]
 
-    def sum(self, values: list[float]) -> list[float]:
+    def sum(self, values: list[float], op: str = "SUM") -> list[float]:
+        """Each value summed over the ranks (op "MAX": the largest)."""
         if self.world == 1:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t.tolist()
-
-    def max(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item()
 
     def sum_gradients(self, parameters):
         """Sum each gradient over the ranks (a rank without episodes in a minibatch adds zeros): with the loss

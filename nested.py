@@ -1,19 +1,16 @@
 """What a GRPO step plays: nested episodes (an explicit AND of games) or mixed ones (an implicit OR).
 
     nested: one episode plays the chosen games in sequence, e.g. matrix -> tictactoe -> spy, as one
-            continuing conversation for the learner; when a sub-game ends the next begins in the same
-            dialogue, with a hand-over line. A failed sub-game does not stop the episode. The episode's
-            return aggregates the sub-game returns R_k (each with its own invalid-reply penalties):
+            continuing conversation for the learner, a hand-over line between sub-games; a failed sub-game
+            does not stop the episode. Its return aggregates the sub-games' returns R_k (penalties included):
                 mean (GIFT):  R = (1/K) sum_k R_k      min (strict AND):  R = min_k R_k
+            Causal credit (grpo.py's default with the mean): a reply in sub-game k is credited with
+            (1/K) sum_{j>=k} R_j, the part of the mean it can still change.
     mixed:  every episode is one game, drawn uniformly; each GRPO group holds one game.
-Causal credit (grpo.py's default with the mean): a reply in sub-game k is credited with (1/K) sum_{j>=k} R_j,
-the part of the mean it can still change, not the whole return (`credit`).
 
-`NestedGame` speaks the games' protocol (games.py), so the rollout plays it like any other game. The
-learner is always seat 0 of a nested game; the other seats map onto each sub-game's other seats.
-`step_instances` is the one place where nested and mixed differ; `make_game` builds either kind of game
-from its name ("matrix", or "matrix>tictactoe>spy" for a nested one); `random_transcripts` writes the
-random-legal play that the tiny model is warm-started on (policy.py).
+`NestedGame` speaks the games' protocol, so the rollout plays it like any other game; the learner is its seat
+0. `step_instances` is the one place where nested and mixed differ; `random_transcripts` writes random-legal
+play, what SFT starts a model from (policy.py).
 """
 from __future__ import annotations
 
@@ -164,15 +161,6 @@ def step_instances(names: list[str], mode: str, run_seed: int, step: int, n: int
     return [(name, games.train_seed(run_seed, step, i)) for i, name in enumerate(chosen)]
 
 
-def credit(episode: games.Game, causal: bool) -> tuple[list[int] | None, list[float]]:
-    """What each learner reply of a finished episode is credited with: the part (sub-game) of each reply and
-    each part's return. A single game, or episode credit: one part (None: every reply is part 0), the
-    learner's return. Causal credit of a nested episode: each sub-game's return-to-go (returns_to_go)."""
-    if causal and isinstance(episode, NestedGame):
-        return list(episode.learner_turns), episode.returns_to_go()
-    return None, [episode.rewards[episode.learner_seat]]
-
-
 def results(episode: games.Game) -> list[tuple[str, str, int]]:
     """(game, the learner's outcome, its invalid replies) for each game an episode played: one for a single
     game, one per sub-game of a nested one."""
@@ -180,14 +168,22 @@ def results(episode: games.Game) -> list[tuple[str, str, int]]:
     return [(g.name, g.outcome(g.learner_seat), g.invalid[g.learner_seat]) for g in played]
 
 
-def summary(game: games.Game, batch, row: int, causal: bool) -> dict:
-    """What a GRPO step's metrics and advantages need of a played episode, row `row` of the learner's
-    policy.ChatBatch (small enough to send between ranks)."""
+def credit(episode: games.Game, causal: bool) -> tuple[list[int] | None, list[float]]:
+    """What each learner reply of a finished episode is credited with: the part (sub-game) of each reply
+    (None: all are part 0) and each part's return; part 0's is the learner's return. Causal credit of a
+    nested episode: sub-game k's return-to-go (returns_to_go), its part 0 the mean, the return."""
+    if causal and isinstance(episode, NestedGame):
+        return list(episode.learner_turns), episode.returns_to_go()
+    return None, [episode.rewards[episode.learner_seat]]
+
+
+def summary(episode: games.Game, batch, row: int, causal: bool) -> dict:
+    """What a GRPO step needs of a played episode, row `row` of the learner's policy.ChatBatch (small enough
+    to send between ranks): its credit, its learner tokens, turns and results."""
     turns = sum(m["role"] == "assistant" for m in batch.messages[row])
-    parts, returns = credit(game, causal)  # parts: the part of each reply (None: all are part 0)
-    return {"reward": game.rewards[game.learner_seat], "parts": parts or [0] * turns, "returns": returns,
-            "tokens": sum(batch.sampled[row]), "length": len(batch.ids[row]), "turns": turns,
-            "results": results(game)}
+    parts, returns = credit(episode, causal)
+    return {"returns": returns, "parts": parts or [0] * turns, "tokens": sum(batch.sampled[row]),
+            "length": len(batch.ids[row]), "turns": turns, "results": results(episode)}
 
 
 def game_stats(played: list[tuple[str, str, int]]) -> dict[str, float]:
@@ -204,14 +200,11 @@ def game_stats(played: list[tuple[str, str, int]]) -> dict[str, float]:
 
 def random_transcripts(path: Path, n_per_game: int, seed: int = 0, n_nested: int = 0, step: int = 0,
                        mistakes: float = 0.0) -> Path:
-    """Scripted random-legal play of every game, the learner seat's view as chat JSONL (HF format), then
-    `n_nested` nested episodes (all games chained, in a random order per episode). Game i
-    has the training seed games.train_seed(seed, step, i): never an evaluation game.
-    meta["choices"] lists, per learner turn, the replies random play drew from (games.Game.random_replies);
-    meta["free"] says where the reply was free text (those are a pool, not every legal reply).
-    mistakes: the chance that a turn with listed choices first gets a listed choice that is not legal there
-    (a taken cell, another game's answer), so that the game's retry prompt follows; that reply's
-    meta["choices"] is None. Random-legal play never errs, so without these no transcript shows a retry."""
+    """Random-legal play of every game, the learner seat's view as chat JSONL (HF format), then `n_nested`
+    nested episodes (all games, a random order each); game i has the training seed train_seed(seed, step, i).
+    meta["choices"] lists, per learner turn, the replies random play drew from (Game.random_replies) and
+    meta["free"] where they were free text. `mistakes`: the chance that a turn with listed choices first gets
+    another game's choice or a taken one (its meta["choices"] None), so that a retry prompt follows."""
     order, errs = random.Random(seed), random.Random(f"{seed} mistakes")
     plan = [(name, i) for name in games.GAMES for i in range(n_per_game)] + [(None, i) for i in range(n_nested)]
     with open(path, "w") as f:

@@ -1,23 +1,16 @@
-"""The language model: load any Hugging Face causal LM, SmolLM2-135M-Instruct from its registry package, or
-build the embedded tiny default; batched multi-turn generation that keeps each conversation's KV cache;
-exact token log-probs; SFT (the tiny model's warm start, a chat model's format SFT).
+"""The language model: any Hugging Face chat model, SmolLM2-135M-Instruct from its registry package, or the
+embedded tiny default; batched multi-turn generation that keeps each conversation's KV cache; exact token
+log-probs; SFT (the tiny model's warm start, a chat model's format SFT).
 
-    python policy.py warmstart              # build the tiny model and warm-start it (cached in .cache/)
-    python policy.py format-sft --model smollm2  # a chat model's answer format: random-legal play -> SFT (cached)
+    python policy.py warmstart                    # build the tiny model and warm-start it (cached in .cache/)
+    python policy.py format-sft --model smollm2   # a chat model's answer format: random-legal play -> SFT
     python policy.py sft --model PATH --data transcripts.jsonl --out DIR   # SFT on any transcript file
 
-The tiny model is a two-layer Llama-style `transformers` model of 1 M parameters with a byte-level BPE
-tokenizer trained (with `tokenizers`) on game text. It starts random, so it is warm-started by SFT on
-transcripts of random-legal play: it learns the format and the rules, not the strategy.
-
-Reading order: Policy (chat conventions), ChatBatch and play (the rollout), token_logprobs (training
-log-probs), loading, the tiny model and its warm start; the speed-ups come last, each with what it buys.
-
-Training sequences are built from the exact token ids: each user turn is the chunk the model's own chat
-template inserts for it (read off the template after a fixed reference history, Policy.user_turn_ids), each
-assistant turn the sampled ids themselves, closed by the template's end-of-turn token. With logits divided by
-the sampling temperature T, log pi(token) at training time equals the log-prob recorded while sampling, so
-the GRPO ratio starts at exactly 1.
+Training sequences are built from exact token ids: each user turn is the chunk the model's own chat template
+inserts for it (Policy.user_turn_ids), each assistant turn the sampled ids, closed by the end-of-turn token.
+With logits divided by the sampling temperature, log pi(token) at training time equals the log-prob recorded
+while sampling, so the GRPO ratio starts at exactly 1. Reading order: Policy, ChatBatch and play (the
+rollout), token_logprobs, loading, SFT and the warm start; the one speed-up comes last.
 """
 from __future__ import annotations
 
@@ -53,8 +46,7 @@ CACHE_DIR = Path(os.environ.get("GAME_GRPO_CACHE", Path(__file__).resolve().pare
 TINY_SPECIAL = ["<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 TINY_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-# Two layers, not more: copying a listed reply, the skill every valid reply needs, is learned from fewer drills
-# by a shallower model, and every token costs less.
+# Two layers: copying a listed reply, the skill every valid reply needs, is learned sooner by a shallow model.
 TINY_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True)
 TINY_VERSION = 17  # bump when anything that shapes the tiny model or its warm start changes
@@ -69,12 +61,10 @@ REFERENCE_HISTORY = [{"role": "user", "content": "Reference question 7"},
 class Policy:
     """A causal LM, its tokenizer and the chat conventions needed to build token sequences turn by turn.
 
-    A conversation's token sequence is append-only: the first user chunk as the template renders it, then
-    per turn the reply's exact ids, closed by the end-of-turn token, and the next user chunk. Earlier turns
-    stay exactly as sampled, even where a template would re-render them (Qwen3 drops earlier think blocks,
-    Llama-3 trims content): that is what the model conditioned on while sampling, so the ratio is exact.
-    `thinking` is passed to templates that have the switch (`enable_thinking`, Qwen3); `precision` "bf16"
-    runs forward passes under bf16 autocast while the weights (and so AdamW's state) stay float32."""
+    A conversation's tokens are append-only: earlier turns stay exactly as sampled, even where a template
+    would re-render them (Qwen3 drops earlier think blocks, Llama-3 trims content), as the model saw them.
+    `thinking` goes to templates that have the switch (Qwen3); `precision` "bf16" runs forward passes under
+    bf16 autocast while the weights (and so AdamW's state) stay float32."""
 
     def __init__(self, model, tokenizer, name: str, thinking: bool = False, precision: str = "fp32"):
         if precision not in ("fp32", "bf16"):
@@ -107,11 +97,10 @@ class Policy:
         return found
 
     def user_turn_ids(self, text: str, first: bool) -> list[int]:
-        """The token ids the chat template inserts for a user message `text`, up to the start of the
-        assistant's reply (generation prompt included). The first message: the template's whole rendering
-        (a default system prompt, bos). A later one: what the template puts after an assistant turn's
-        end-of-turn token, read off its rendering after a fixed reference history, so that neither the
-        conversation's own replies nor how the template renders them (trimmed, think blocks dropped) matter."""
+        """The token ids the chat template inserts for a user message `text`, generation prompt included.
+        The first message: the whole rendering (a default system prompt, bos). A later one: what the template
+        puts after an assistant turn's end-of-turn token, read off its rendering after REFERENCE_HISTORY, so
+        that how the template renders the conversation's own replies does not matter."""
         message = [{"role": "user", "content": text}]
         if first:
             chunk = self.render(message, add_generation_prompt=True)
@@ -137,14 +126,12 @@ class Policy:
         return self.tokenizer.decode([i for i in ids if i not in self.stop_ids], skip_special_tokens=True)
 
     def autocast(self):
-        """bf16 compute with float32 weights: a bf16 AdamW with no float32 master copy would round away
-        every update below ~1e-4 relative to the weight, i.e. all of them at RL learning rates."""
+        """bf16 compute with float32 weights: bf16 weights would round away updates at RL learning rates."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head on decoder states, with the model's own final-logit processing (Gemma-2's
-        softcapping, Cohere's logit scale, Granite's logit scaling), as its forward applies it when sampling.
-        load_policy checks this against the model's forward, so an unknown processing fails loudly."""
+        """The LM head on decoder states with the model's final-logit processing (Gemma-2's softcapping,
+        Cohere's and Granite's scales), as its forward applies it; load_policy checks the two agree."""
         logits = self.model.get_output_embeddings()(hidden)
         config = self.model.config
         if getattr(config, "final_logit_softcapping", None):
@@ -182,11 +169,10 @@ class ChatBatch:
     """Many conversations advancing together through one model, sharing one KV cache.
 
     Row r's tokens are `ids[r]`; `sampled[r]` marks the ones the model generated and `logprobs[r]` their
-    log-probs at sampling time. Each call to `generate` feeds only what the cache has not seen: the new
-    user turn (left-padded so every row ends on a real token) and then one sampled token per step. Rows
-    that sit out a turn get masked padding; rows marked `finished` are dropped from the cache. Row r
-    samples from its own random stream, named by `keys[r]` (see `stream`), so what it samples does not
-    depend on which other rows share the batch, or the process (grpo.py's ranks)."""
+    log-probs at sampling time. `generate` feeds only what the cache has not seen: the new user turn
+    (left-padded so every row ends on a real token), then one sampled token per step; rows that sit out a
+    turn get masked padding, finished rows leave the cache. Row r samples from its own random stream
+    (`stream(keys[r])`), so what it samples does not depend on the other rows or the process."""
 
     def __init__(self, policy: Policy, keys: list):
         n_rows = len(keys)
@@ -385,11 +371,9 @@ def next_token_logprobs(policy: Policy, seqs: list[list[int]], temperature: floa
 
 # --------------------------------------------------------------------------------- loading models
 def build_tiny_tokenizer(corpus: list[str]):
-    """Byte-level BPE: any text round-trips. Every choice a game lists (games.CHOICES: a cell (1,3), a vote
-    Player 2, an action 3) is one token of its own, the same in the list as in the reply, so a valid reply
-    is a copy of one token from the prompt's last line (plain digits would be ambiguous: payoff tables are
-    full of them). A pre-token is a run of non-spaces with the space before it, a digit or a board's '.'
-    as much as a word (a token per space would make every episode longer)."""
+    """Byte-level BPE (any text round-trips). Every choice a game lists (games.CHOICES) is one token of its
+    own, the same in the list as in the reply, so a valid reply copies one token from the prompt's last line.
+    A pre-token is a run of non-spaces with the space before it."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" ?[^\s]+|\s+"), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -404,11 +388,9 @@ def build_tiny_tokenizer(corpus: list[str]):
 
 
 def game_corpus(n_per_game: int = 300) -> list[str]:
-    """Text of random-legal play on the train split, cut at the answer tags as the tokenizer will cut it
-    (they are added tokens): what the tiny tokenizer learns its merges from. Each turn adds every reply
-    random play could have given there, not only the one it gave: a word inside a reply has no space
-    before it, unlike the same word in a prompt, and the rarer spaceless form would otherwise be cut into
-    fragments (a Spy description spelt out in pieces that the model must learn to assemble)."""
+    """Text of random-legal play, cut at the answer tags (added tokens): what the tiny tokenizer learns its
+    merges from. Each turn adds every reply random play could have given there, so that a word right after
+    <answer> (no space before it) gets merges of its own, not only the spaced form prompts have."""
     tags = re.compile(f"{re.escape(games.ANSWER_OPEN)}|{re.escape(games.ANSWER_CLOSE)}")
     texts = []
     for name in games.GAMES:
@@ -550,11 +532,10 @@ def check_logits(policy: Policy):
 # ------------------------------------------------------------------------------------ SFT, warm start
 def encode_conversation(policy: Policy, messages: list[dict], choices: list | None = None,
                         replies: list[list[int]] | None = None):
-    """A conversation's token ids and the 0/1 mask of the learner's trained tokens, built turn by turn
-    exactly as rollouts build them (Policy.user_turn_ids, Policy.close_reply), plus the branch targets of
-    the assistant turns whose legal replies are listed in `choices` (one list or None per assistant turn):
-    {position: {token: share}}, see branch_targets. Assistant turns are `replies[k]`, a turn's exact
-    sampled ids, where given, else their text tokenized and closed by the end-of-turn token (SFT)."""
+    """A conversation's token ids and the 0/1 mask of the learner's trained tokens, built turn by turn as
+    rollouts build them, and {position: {token: share}} (branch_targets) for the assistant turns whose legal
+    replies `choices` lists (one list or None per turn). Assistant turns are `replies[k]` (sampled ids)
+    where given, else their text tokenized and closed by the end-of-turn token (SFT)."""
     ids, mask, branches = [], [], {}
     legal_lists, sampled = iter(choices or []), iter(replies or [])
     for m in messages:
@@ -578,10 +559,9 @@ def encode_conversation(policy: Policy, messages: list[dict], choices: list | No
 
 
 def branch_targets(reply: list[int], legal: list[list[int]]) -> dict[int, dict[int, float]]:
-    """Where a uniformly random legal reply could have gone another way: at each token of `reply` that
-    some legal replies agreeing with it so far continue differently, the share of them taking each token.
-    Training on these shares instead of the one token drawn is the exact expectation of random-legal play
-    at that turn: what training on every legal reply would teach, at the cost of one."""
+    """Where a uniformly random legal reply could have gone another way: at each token of `reply` where the
+    legal replies agreeing with it so far continue differently, the share taking each token. Training on
+    these shares is the exact expectation of random-legal play there, at the cost of one reply."""
     branches, agreeing = {}, legal
     for t, token in enumerate(reply):
         nexts = [r[t] for r in agreeing if len(r) > t]
@@ -602,12 +582,8 @@ def conversation_examples(policy: Policy, rows: list[dict]) -> list:
 
 
 def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4, free: bool = False) -> list:
-    """Single-turn examples (ids, mask, branches, number of legal replies) of the learner turns with at most
-    `max_choices` legal replies (meta["choices"]). Why: with most of the 9 cells free, copying a listed cell
-    gains little over guessing any cell, and a random-init model trained on whole games never starts to copy
-    (its mass on legal cells stays at the free fraction, ~0.7); with 1-4 choices left the gain is large.
-    free=True: the free-text turns instead (a Spy description, meta["free"]), with 0 legal replies listed:
-    nothing to copy, but the words random play uses for each secret word to learn by heart."""
+    """Single-turn examples (ids, mask, branches) of the learner turns with at most `max_choices` legal replies
+    listed (meta["choices"]); free=True: the free-text turns instead (Spy's descriptions, meta["free"])."""
     examples = []
     for r in rows:
         meta = r.get("meta", {})
@@ -615,21 +591,18 @@ def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4, free:
         for i, pool, is_free in zip(turns, meta.get("choices") or [None] * len(turns),
                                     meta.get("free") or [False] * len(turns)):
             if pool and (is_free if free else not is_free and len(pool) <= max_choices):
-                examples.append((*encode_conversation(policy, r["messages"][i - 1:i + 1], [pool]),
-                                 0 if free else len(pool)))
+                examples.append(encode_conversation(policy, r["messages"][i - 1:i + 1], [pool]))
     return examples
 
 
 def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
         decay: float = 0.0, desc: str = "SFT", warmup: int = 20) -> list[float]:
-    """Supervised fine-tuning on (ids, learner mask, branches) examples, as encode_conversation makes them:
-    the mean cross-entropy of the learner's tokens against the token in the text, or against the branch
-    shares where there are some.
-    The rate warms up over `warmup` steps, then stays, then falls linearly to 0 over the last `decay` fraction of
-    the steps. Returns the loss per step."""
-    # Every epoch: shuffle, then sort each run of 8 batches' worth by length and cut it into batches. Similar
-    # lengths waste little on padding, and each batch still mixes games (a batch of one kind of example, all
-    # Matrix drills say, pulls the model towards that game for a step).
+    """Supervised fine-tuning on (ids, learner mask, branches) examples (encode_conversation): the mean
+    cross-entropy of the learner's tokens against the token in the text, or the branch shares where there
+    are some. The rate warms up over `warmup` steps, stays, then falls linearly to 0 over the last `decay`
+    fraction of the steps. Returns the loss per step."""
+    # Every epoch: shuffle, then sort each run of 8 batches' worth by length and cut it into batches: little
+    # padding, and each batch still mixes games (one kind of example per batch pulls the model around).
     rng, plan = random.Random(seed), []
     for _ in range(math.ceil(epochs)):
         order = rng.sample(range(len(examples)), len(examples))
@@ -640,8 +613,7 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
         plan += rng.sample(batches, len(batches))
     steps = max(1, int(len(plan) / math.ceil(epochs) * epochs))
     model = policy.model.train()
-    # beta2 = 0.95 and a constant rate after warm-up (until the decay): a random-init model learns sooner to
-    # copy from its prompt (a legal move from the list its prompt ends with) than with the defaults.
+    # beta2 = 0.95 and a constant rate: a random-init model learns sooner to copy from its prompt.
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup, (steps - s) / (decay * steps + 1e-9)))
@@ -671,33 +643,21 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
     return losses
 
 
-# The warm start's recipe. transcripts: random-legal games of each game; nested: nested episodes of all the
-# games (a random order each); drill_games: more random games of each game, whose turns with at most
-# mix_choices legal replies, and whose free-text turns, make the drills; in these, a `mistakes` share of the
-# turns with listed choices first get an invalid reply, so that their drill is the game's retry prompt and a
-# legal reply (random play never errs, so without these no drill would show a retry). Phase 1: drill_steps
-# steps on the drills with at most drill_choices, each kind in its `drill_shares` proportion. Phase 2: `epochs`
-# passes over the transcripts with drills mixed in (half the transcripts' number, as many of each kind), the
-# rate falling linearly to 0 over the second half.
-# The shares follow what each kind teaches. TicTacToe's free cells are any subset of the nine: a real copy,
-# which a random-init model learns only after many drills, the sooner the larger its share of them. Matrix's
-# actions are always 1..n and Spy's vote the three others (both learned early), while Matrix's prompts are
-# the longest (a payoff table). The descriptions (free text) are per-word facts, learned only from many
-# drills at a constant rate.
-WARM_START = dict(transcripts=500, nested=125, drill_games=1500, drill_choices=4, mix_choices=6, drill_steps=1200,
-                  drill_shares={"matrix": 0.25, "tictactoe": 1.0, "spy": 0.5, "free text": 1.0},
-                  mistakes=0.15, epochs=2.0, batch_size=32, lr=1e-3)
+# The warm start's recipe: whole transcripts of random-legal play (`transcripts` games of each game and `nested`
+# nested episodes, as GRPO plays them) and drills: single learner turns of `drill_games` more random games of
+# each game, those with at most `drill_choices` listed replies (a `mistakes` share of them after an invalid
+# reply, so that retries are seen) and the free-text ones (Spy's descriptions), each kind in its `drill_shares`
+# proportion. One SFT run of `steps`, the rate falling to 0 over the last quarter.
+# Why drills: with most of the 9 cells free, copying a listed cell gains little over guessing any cell, and a
+# random-init model trained on whole games alone never starts to copy. TicTacToe's free cells are any subset of
+# the nine, a real copy, learned the sooner the larger its share; Matrix's actions (always 1..n) and Spy's
+# votes are learned early; the descriptions are per-word facts, learned only from many drills.
+WARM_START = dict(transcripts=120, nested=30, drill_games=1500, drill_choices=4, mistakes=0.15, steps=1350,
+                  drill_shares={"matrix": 0.25, "tictactoe": 1.0, "spy": 0.5, "free text": 1.0}, batch_size=32, lr=1e-3)
 
 
 def warm_start(seed: int = 0, **overrides) -> Path:
-    """The tiny model after SFT on random-legal play; built once, cached under .cache/ and reused.
-    1. Drills: single turns with few legal replies (a cell among the last free ones, an action, a vote, some
-       after an invalid reply), most of them TicTacToe's, until the model copies a reply from the list its
-       prompt ends with; and free-text turns (Spy descriptions: the attributes of the secret word's pair). Why first:
-       with most of the 9 cells free, copying a listed cell gains little over guessing any cell, and a
-       random-init model trained on whole games alone never starts to copy.
-    2. Transcripts: whole games, alone and nested in one conversation (a game after others, as GRPO's
-       nested episodes play them), with drills mixed in so that copying is kept.
+    """The tiny model after SFT on random-legal play (WARM_START); built once, cached under .cache/ and reused.
     Wherever the legal replies are known, the targets are their shares (branch_targets), not one draw."""
     settings = {**WARM_START, **overrides}
     key = cache_key(TINY_VERSION, TINY_CONFIG, settings, seed)
@@ -709,22 +669,18 @@ def warm_start(seed: int = 0, **overrides) -> Path:
     base = build_tiny(CACHE_DIR / f"tiny-base-{key}", seed)
     policy = load_policy(str(base), device="cpu")
     rows = read_chats(nested.random_transcripts(CACHE_DIR / f"warmstart-{key}.jsonl", settings["transcripts"], seed,
-                                         settings["nested"]))
+                                                settings["nested"]))
     drill_rows = read_chats(nested.random_transcripts(CACHE_DIR / f"drills-{key}.jsonl", settings["drill_games"], seed,
                                                       step=1, mistakes=settings["mistakes"]))
-    rng, batch, lr = random.Random(seed), settings["batch_size"], settings["lr"]
-    drills = {name: drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name], settings["mix_choices"])
-              for name in games.GAMES}
+    drills = {name: drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name],
+                                   settings["drill_choices"]) for name in games.GAMES}
     drills["free text"] = drill_examples(policy, drill_rows, free=True)
-    few = {name: [e for e in d if e[3] <= settings["drill_choices"]] for name, d in drills.items()}
-    unit = min(len(d) for d in few.values())
-    copying = [e for name, d in few.items() for e in rng.sample(d, round(unit * settings["drill_shares"][name]))]
-    losses = sft(policy, copying, settings["drill_steps"] * batch / len(copying), batch, lr, seed,
-                 desc="warm start 1/2: drills")
-    examples = conversation_examples(policy, rows)
-    per_kind = min(len(examples) // (2 * len(drills)), *(len(d) for d in drills.values()))  # as many of each
-    examples += [e for d in drills.values() for e in rng.sample(d, per_kind)]
-    losses += sft(policy, examples, settings["epochs"], batch, lr, seed, decay=0.5, desc="warm start 2/2: transcripts")
+    unit, rng = min(len(d) for d in drills.values()), random.Random(seed)  # the scarcest kind's count
+    examples = conversation_examples(policy, rows) + [
+        e for name, d in drills.items() for e in rng.sample(d, round(unit * settings["drill_shares"][name]))]
+    batch = settings["batch_size"]
+    losses = sft(policy, examples, settings["steps"] * batch / len(examples), batch, settings["lr"], seed, decay=0.25,
+                 desc="warm start")
     save_atomic(policy.model, policy.tokenizer, path)
     shutil.rmtree(base, ignore_errors=True)
     print(f"warm start: {len(losses)} SFT steps, final loss {sum(losses[-20:]) / len(losses[-20:]):.3f}, "
@@ -765,9 +721,8 @@ def format_sft(name: str = "smollm2", seed: int = 0, **overrides) -> Path:
 # step, x1.06 of a SmolLM2 TicTacToe step. test_all.py checks it changes no log-prob and no gradient.
 def shared_prefix_states(policy: Policy, seqs: list[list[int]], groups: list, where: torch.Tensor) -> torch.Tensor:
     """The decoder's last hidden states at the positions `where` ([sequences, width - 1]; position t predicts
-    token t + 1), with each group's common prefix computed once: the prefixes go through the decoder as one
-    left-padded batch, their KV cache is copied to every member row, then each row's own suffix follows.
-    The G samples of a GRPO group share their whole first prompt, which is most of a one-turn game."""
+    token t + 1), each group's common prefix computed once: the prefixes run as one left-padded batch, their
+    KV cache is copied to every member row, then each row's own suffix follows."""
     dev = policy.device
     plan = []  # (member rows, length of their common prefix), each prefix at least 1 token
     for label in dict.fromkeys(groups):

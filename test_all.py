@@ -1,4 +1,5 @@
 """The test suite: `python -m pytest -q test_all.py`. Tiny model, tiny budgets; truths worked out by hand."""
+import argparse
 import copy
 import json
 import os
@@ -594,9 +595,9 @@ def test_free_text_drills_are_the_spy_descriptions_with_the_pool_as_target(tiny,
     spy = [r for r in rows if r["meta"]["game"] == "spy"]
     drills = policy_lib.drill_examples(tiny, rows, free=True)
     assert len(drills) == 2 * len(spy)  # random play is never invalid: two descriptions per game, no votes
-    for (ids, mask, branches, n_listed), pool in zip(drills, [c for r in spy for c, f in
-                                                               zip(r["meta"]["choices"], r["meta"]["free"]) if f]):
-        assert n_listed == 0 and len(pool) == 9
+    for (ids, mask, branches), pool in zip(drills, [c for r in spy for c, f in
+                                                      zip(r["meta"]["choices"], r["meta"]["free"]) if f]):
+        assert len(pool) == 9
         first = min(t for t, m in enumerate(mask) if m)  # the reply's first token: <answer>, then the word
         shares = branches[first + 1]
         firsts = [tiny.reply_ids(a)[1] for a in pool]
@@ -624,8 +625,7 @@ def test_drills_hold_every_legal_reply_and_only_those(tiny, tmp_path):
     few = [c for r in ttt for c in r["meta"]["choices"] if len(c) <= 2]
     drills = policy_lib.drill_examples(tiny, ttt, max_choices=2)
     assert len(drills) == len(few) > 0
-    for (ids, mask, branches, n_legal), legal in zip(drills, few):  # single turns: the prompt, one listed cell
-        assert n_legal == len(legal)
+    for (ids, mask, branches), legal in zip(drills, few):  # single turns: the prompt, one listed cell
         reply = tiny.tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True)
         prompt = tiny.tokenizer.decode([t for t, m in zip(ids, mask) if not m], skip_special_tokens=True)
         assert games.parse_answer(reply) in prompt.rsplit("\n", 1)[1].split()
@@ -705,7 +705,7 @@ def test_sft_on_branch_targets_learns_the_legal_shares_not_the_drawn_reply(tiny)
 
 def test_logprobs_restricted_to_learner_tokens_match_the_full_computation(tiny):
     batch = _multi_turn(tiny)
-    seqs, mask, _ = grpo.training_tensors(batch, [0, 1, 3])
+    seqs, mask, _ = grpo.training_tensors(grpo.batch_episodes(batch, [0, 1, 3]))[:3]
     with torch.no_grad():
         full, full_entropy = policy_lib.token_logprobs(tiny, seqs, with_entropy=True)
         part, part_entropy = policy_lib.token_logprobs(tiny, seqs, with_entropy=True, only=mask)
@@ -730,7 +730,7 @@ def _grouped_conversations(tiny):
 def test_shared_prefixes_give_the_same_logprobs_and_gradients_as_whole_sequences(tiny):
     batch, groups = _grouped_conversations(tiny)
     rows = list(range(7))
-    seqs, mask, logp_old = grpo.training_tensors(batch, rows)
+    seqs, mask, logp_old = grpo.training_tensors(grpo.batch_episodes(batch, rows))[:3]
     model = tiny.model
     results = []
     for labels in (None, groups):
@@ -770,7 +770,7 @@ def test_bf16_compute_keeps_float32_master_weights_and_small_updates(families):
     policy = policy_lib.Policy(copy.deepcopy(base.model), base.tokenizer, "bf16", precision="bf16")
     batch = _family_rollout(policy, seed=1)
     rows = [0, 1, 2]
-    seqs, mask, logp_old = grpo.training_tensors(batch, rows)
+    seqs, mask, logp_old = grpo.training_tensors(grpo.batch_episodes(batch, rows))[:3]
     with torch.no_grad():
         logp = policy_lib.token_logprobs(policy, seqs, only=mask)
     assert logp.dtype == torch.float32
@@ -787,7 +787,7 @@ def test_bf16_compute_keeps_float32_master_weights_and_small_updates(families):
 
 def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients(tiny):
     batch, groups = _grouped_conversations(tiny)
-    seqs, mask, _ = grpo.training_tensors(batch, list(range(7)))
+    seqs, mask, _ = grpo.training_tensors(grpo.batch_episodes(batch, list(range(7))))[:3]
     results = []
     for checkpointing in (False, True):
         model = copy.deepcopy(tiny.model).train()
@@ -855,30 +855,30 @@ def test_advantages_per_token_equal_per_sequence_ones_when_constant():
     assert per_token.item() == pytest.approx(per_sequence.item(), abs=1e-6)
 
 
-def _update(learner, reference, optimizer, batch, rows, advantages, minibatches=1, beta=0.04, group_size=8,
-            micro_tokens=10 ** 9):
+def _update(learner, reference, optimizer, batch, rows, advantages, minibatches=1, beta=0.04, group_size=8):
     """grpo.update on `rows` of one process's batch, in minibatches planned as a step plans them; each row's
     advantage is given to every one of its replies."""
     plan = grpo.plan_minibatches({r: len(batch.ids[r]) for r in rows}, group_size, minibatches, "0:0")
-    advantages = [[a] * len(batch.ids[r]) for r, a in enumerate(advantages)]  # more than enough replies
+    episodes = grpo.batch_episodes(batch, range(batch.n), [[a] * len(batch.ids[r]) for r, a in enumerate(advantages)],
+                                   [r // group_size for r in range(batch.n)])  # more than enough replies
     tokens = sum(sum(batch.sampled[r]) for r in rows)
-    return grpo.update(learner, reference, optimizer, batch, plan, advantages, tokens / len(plan), grpo.Ranks(),
-                       group_size=group_size, temperature=1.0, eps_low=0.2, eps_high=0.28, beta=beta,
-                       micro_tokens=micro_tokens)
+    settings = argparse.Namespace(temperature=1.0, eps_low=0.2, eps_high=0.28, beta=beta, micro_batch_gb=4.0)
+    return grpo.update(learner, reference, optimizer, [[episodes[r] for r in chunk] for chunk in plan],
+                       tokens / len(plan), grpo.Ranks(), settings)
 
 
-def test_micro_batches_sum_to_the_minibatchs_gradient(tiny):
+def test_micro_batches_sum_to_the_minibatchs_gradient(tiny, monkeypatch):
     """A minibatch cut into pieces that fit in memory (grpo.micro_batches) gives the same loss and gradient."""
     results = []
     for micro_tokens in (10 ** 9, 60):
         learner = policy_lib.Policy(copy.deepcopy(tiny.model), tiny.tokenizer, "learner")
         batch = _multi_turn(learner)
         if micro_tokens < 10 ** 9:
-            pieces = grpo.micro_batches(batch, [0, 1, 3], micro_tokens)
-            assert len(pieces) == 3 and sorted(sum(pieces, [])) == [0, 1, 3]
+            pieces = grpo.micro_batches(grpo.batch_episodes(batch, [0, 1, 3]), micro_tokens)
+            assert [[e["group"] for e in p] for p in pieces] == [[0], [1], [3]]
         optimizer = torch.optim.SGD(learner.model.parameters(), lr=0.0)
-        logs = _update(learner, tiny, optimizer, batch, [0, 1, 3], [1.0, -2.0, 0.0, 0.5], group_size=2,
-                       micro_tokens=micro_tokens)
+        monkeypatch.setattr(grpo, "micro_batch_tokens", lambda config, gigabytes: micro_tokens)
+        logs = _update(learner, tiny, optimizer, batch, [0, 1, 3], [1.0, -2.0, 0.0, 0.5], group_size=2)
         results.append((logs, [p.grad.clone() for p in learner.model.parameters()]))
     (whole, grads), (cut, cut_grads) = results
     assert cut["loss"] == pytest.approx(whole["loss"], abs=1e-6) and cut["kl"] == pytest.approx(whole["kl"], abs=1e-6)
@@ -945,9 +945,10 @@ def test_causal_credit_gives_each_sub_games_replies_that_parts_advantage(warm, m
     (1/3) sum_{j >= k} R_j for the sub-game k it was in, that sub-game read off the hand-over lines."""
     args = grpo.parse_args(["--instances", "2", "--group-size", "4", "--max-new-tokens", "8", "--run-dir", str(tmp_path)])
     assert args.mode == "nested" and args.credit == "causal"
-    played, seen, summary = [], {}, nested.summary
+    played, seen, summary, play = [], {}, nested.summary, policy_lib.play
     monkeypatch.setattr(nested, "summary", lambda g, *a: played.append(g) or summary(g, *a))
-    monkeypatch.setattr(grpo, "update", lambda *a, **k: seen.update(batch=a[3], advantages=a[5]) or {})
+    monkeypatch.setattr(policy_lib, "play", lambda *a, **k: seen.setdefault("batch", play(*a, **k)))
+    monkeypatch.setattr(grpo, "update", lambda *a, **k: seen.update(episodes=[e for chunk in a[3] for e in chunk]) or {})
     optimizer = torch.optim.AdamW(warm.model.parameters())
     grpo.grpo_step(args, 0, warm, None, None, optimizer, {"turns": 0, "tokens": 0, "episodes": 0}, grpo.Ranks())
     for b in range(2):
@@ -958,7 +959,10 @@ def test_causal_credit_gives_each_sub_games_replies_that_parts_advantage(warm, m
             for m in seen["batch"].messages[4 * b + i]:
                 part += m["role"] == "user" and m["content"].startswith("[Game ")
                 parts += [part] if m["role"] == "assistant" else []
-            assert seen["advantages"][4 * b + i] == pytest.approx([expected[i, k] for k in parts], abs=1e-5)
+            row = 4 * b + i
+            episode = next(e for e in seen["episodes"] if e["ids"] is seen["batch"].ids[row])
+            per_reply = grpo.token_advantages(seen["batch"].sampled[row], [expected[i, k] for k in parts])
+            assert episode["advantages"] == pytest.approx(per_reply, abs=1e-5)
             assert parts[-1] == 2 and len(set(parts)) == 3
 
 
@@ -1222,7 +1226,7 @@ def test_any_chat_template_multi_turn_sequences_match_the_template_turn_by_turn(
     assert forced > 0  # some replies were cut at the token limit
     with torch.no_grad():  # the ratio is exactly 1 before the first update
         logp = policy_lib.token_logprobs(policy, batch.ids)
-        only = policy_lib.token_logprobs(policy, batch.ids, only=grpo.training_tensors(batch, [0, 1, 2])[1])
+        only = policy_lib.token_logprobs(policy, batch.ids, only=grpo.training_tensors(grpo.batch_episodes(batch, [0, 1, 2]))[:3][1])
     for r in range(3):
         sampled = torch.tensor(batch.sampled[r][1:], dtype=torch.bool)
         recorded = torch.tensor(batch.logprobs[r][1:])[sampled]
@@ -1467,7 +1471,7 @@ def test_smollm2_sequences_match_its_template_and_its_chosen_end_token_is_traine
             batch.add_user(r, f"{prompts[r]} ({turn})")
         batch.generate([0, 1, 2], max_new_tokens=12, temperature=1.0)
     chosen = forced = 0
-    seqs, mask, logp_old = grpo.training_tensors(batch, [0, 1, 2])
+    seqs, mask, logp_old = grpo.training_tensors(grpo.batch_episodes(batch, [0, 1, 2]))[:3]
     for r in range(3):
         spans = _turn_spans(policy, batch.ids[r], batch.sampled[r])
         assert len(spans) == 2 and sum(len(u) + len(closed) for u, _, closed in spans) == len(batch.ids[r])
