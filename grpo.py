@@ -8,10 +8,10 @@ One step, top to bottom (grpo_step):
   3. reward: the learner's whole conversation is one token sequence; its return R is the game reward plus
              the invalid-reply penalties (-0.1 each; a nested episode combines its sub-games' returns).
   4. advantages, per group:  A_i = (R_i - mean(R_group)) / (std(R_group) + 1e-4)   (population std;
-             --scale-rewards none: no division). Groups whose rewards are all equal carry no signal and are
-             dropped (optionally only the top fraction of groups by spread is kept). Causal credit (nested
-             episodes, mean reward; the default there): sub-game k's tokens get A_it from R_i^k, the mean
-             reward's part from sub-game k on, in place of R_i: no reply changes a sub-game already over.
+             --scale-rewards none: no division). Groups whose rewards are all equal are dropped (--top-groups:
+             only the top fraction by spread is kept). Causal credit (nested, mean reward; the default there):
+             sub-game k's tokens get A_ik from the mean's part from sub-game k on, as no reply changes a
+             sub-game already over.
   5. update: per token t of episode i that the learner sampled (game-master and opponent text is masked out):
                  r_t   = exp(logp_t - logp_old_t)                                (logp_old: recorded while sampling)
                  k3_t  = exp(logp_ref_t - logp_t) - (logp_ref_t - logp_t) - 1    (KL to the frozen start model)
@@ -56,23 +56,20 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--games", default="matrix,tictactoe,spy", help="comma-separated games to train on")
-    p.add_argument("--model", default="tiny", help="'tiny' (embedded, warm-started), 'smollm2' (SmolLM2-135M-Instruct "
-                   "from its package, format-SFT'd first: 'smollm2-sft'), or a local model folder")
+    p.add_argument("--model", default="tiny", help="'tiny' (embedded, warm-started), 'smollm2' (SmolLM2-135M-Instruct, "
+                   "format-SFT'd first) or a local model folder")
     p.add_argument("--no-format-sft", action="store_true",
                    help="with --model smollm2: start GRPO from the model as shipped (it writes no answer tags)")
-    p.add_argument("--mode", default=None, choices=["nested", "mixed"],
-                   help="with several games: nested (one episode plays them all in order; the default) or mixed "
-                        "(each episode one game, drawn uniformly)")
+    p.add_argument("--mode", default=None, choices=["nested", "mixed"], help="with several games: nested (an episode "
+                   "plays them all in order; the default) or mixed (an episode is one game, drawn uniformly)")
     p.add_argument("--nested-reward", default="mean", choices=list(nested.NESTED_REWARDS),
                    help="how a nested episode's return combines its sub-games' (mean is GIFT's)")
-    p.add_argument("--credit", default=None, choices=["episode", "causal"],
-                   help="a nested episode's replies get the whole return, or (causal; the default with the mean "
-                        "reward) the part of their sub-game and the later ones")
+    p.add_argument("--credit", default=None, choices=["episode", "causal"], help="a nested episode's replies get the "
+                   "whole return, or (causal, the default with the mean) the part of their sub-game and later ones")
     p.add_argument("--budget-turns", type=int, default=0,
                    help="stop once the learner has played this many turns (0: run all --steps)")
-    p.add_argument("--opponent", default="random",
-                   help="other seats: random | expert | eps:P (TicTacToe's scripted player; Spy always uses "
-                        "its scripted lexicon players), self (a frozen copy of the learner) or model:PATH")
+    p.add_argument("--opponent", default="random", help="other seats: random | expert | eps:P (TicTacToe's scripted "
+                   "player; Spy's are always scripted), self (a frozen copy of the learner) or model:PATH")
     p.add_argument("--self-refresh", type=int, default=10, help="with --opponent self: refresh the copy every K steps")
     p.add_argument("--steps", type=int, default=None, help="GRPO steps; default 250 (the default run, install and "
                    "warm start included, within 15 minutes on a 2-core CPU), or as many as a budget takes")
@@ -96,12 +93,10 @@ def parse_args(argv=None):
                    help="compute precision; weights and optimizer state stay float32 (auto: bf16 on a GPU that has it)")
     p.add_argument("--thinking", action="store_true",
                    help="let templates with a thinking switch (Qwen3) think; off by default, as replies are short")
-    p.add_argument("--train-layers", type=int, default=0,
-                   help="train only the top N decoder layers and the final norm (0: every weight); less compute "
-                        "and memory per step, at a cost to learning a user should measure")
-    p.add_argument("--micro-batch-gb", type=float, default=4.0,
-                   help="activations per forward/backward: a minibatch is split into pieces of about this many GB "
-                        "(same gradient; the tiny model never splits)")
+    p.add_argument("--train-layers", type=int, default=0, help="train only the top N decoder layers and the final "
+                   "norm (0: every weight): less compute and memory per step, at a cost to learning")
+    p.add_argument("--micro-batch-gb", type=float, default=4.0, help="activations per forward and backward: "
+                   "minibatches are split into pieces of about this many GB (same gradient)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in backward: less memory for long nested conversations, slower")
     p.add_argument("--run-dir", default=None,
@@ -287,8 +282,9 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
     rollout_seconds = time.time() - started
     # 3. Returns of every episode of the step, from every rank, in instance order: [B, G, parts], where part 0
     # is the episode's reward and, with causal credit, part k a sub-game's return-to-go.
-    summaries = ranks.gather_instances([[nested.summary(episodes[i * G + k], batch, i * G + k, args.credit == "causal")
-                                         for k in range(G)] for i in range(len(mine))], args.instances)
+    parts = ranks.gather([[nested.summary(episodes[i * G + k], batch, i * G + k, args.credit == "causal")
+                           for k in range(G)] for i in range(len(mine))])  # rank r played instances r, r + N, ...
+    summaries = [parts[b % ranks.world][b // ranks.world] for b in range(args.instances)]
     returns = torch.tensor([[s["returns"] for s in group] for group in summaries])
     rewards = returns[..., 0]
     # 4. Advantages per group and part; groups whose rewards are all equal are dropped.
@@ -381,8 +377,7 @@ def setup(args, ranks):
 
 
 def train_top_layers(model, n: int):
-    """Freeze every weight but the top `n` decoder layers and the final norm (the embeddings, tied to the
-    LM head in small models, stay as they are): backward stops at layer n from the top."""
+    """Freeze every weight but the top `n` decoder layers and the final norm: backward stops there."""
     layers = model.get_decoder().layers
     if not 0 < n <= len(layers):
         raise SystemExit(f"grpo.py: --train-layers must be in 1..{len(layers)} for this model, got {n}")
@@ -485,11 +480,6 @@ class Ranks:
         out = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
-
-    def gather_instances(self, mine: list, n: int) -> list:
-        """Per-instance values of the whole step in instance order, from each rank's (instances rank, rank+N, ...)."""
-        parts = self.gather(mine)
-        return [parts[b % self.world][b // self.world] for b in range(n)]
 
     def sum(self, values: list[float], op: str = "SUM") -> list[float]:
         """Each value summed over the ranks (op "MAX": the largest)."""

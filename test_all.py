@@ -1371,7 +1371,7 @@ def test_two_ranks_make_the_update_of_one_process_and_log_checkpoint_and_resume_
     for a, b in zip(one, two):  # the same episodes and the same update, up to the order of float sums
         assert set(a) == set(b)
         assert all(b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-4) for k in a if k not in timing), (a, b)
-    w0, w1, w2 = (_weights(d) for d in (policy_lib.warm_start(), tmp_path / "one" / "checkpoint",
+    w0, w1, w2 = (_weights(d) for d in (policy_lib.sft_start("tiny"), tmp_path / "one" / "checkpoint",
                                         tmp_path / "two" / "checkpoint"))
     moved = max(float((w1[k] - w0[k]).abs().max()) for k in w1)  # ~6e-4: six AdamW steps at lr 1e-4
     assert moved > 1e-4 and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 0.1 * moved
