@@ -64,7 +64,7 @@ def play_games(policy, name: str, indices, split: str = "train", opponent: str =
     turns = {}
     # Similar prompt lengths share a batch, so little compute goes to padding.
     ordered = sorted(episodes, key=lambda g: len(g.prompt(g.to_move)))
-    for start in range(0, len(ordered), batch_size):
+    for start in tqdm(range(0, len(ordered), batch_size), desc=f"playing {name}", unit=" batch", leave=False):
         chunk = ordered[start:start + batch_size]
         batch = play(policy, chunk, [g.seed for g in chunk], temperature, max_new_tokens)
         for g, messages in zip(chunk, batch.messages):
