@@ -681,7 +681,8 @@ def main():
         print(f"{'=' * 30} {name} (seed {seed}, learner is seat {game.learner_seat}) {'=' * 30}")
         while not game.done:
             seat, reply = game.to_move, game.scripted_reply(game.to_move)
-            print(f"--- prompt to seat {seat}:\n{game.prompt(seat)}" if seat == game.learner_seat else "", end="")
+            if seat == game.learner_seat:
+                print(f"--- prompt to seat {seat}:\n{game.prompt(seat)}")
             print(f"--- seat {seat} replies: {reply}")
             game.step(seat, reply)
         print(f"--- rewards: {game.rewards}\n")
