@@ -285,6 +285,7 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
     parts = ranks.gather([[nested.summary(episodes[i * G + k], batch, i * G + k, args.credit == "causal")
                            for k in range(G)] for i in range(len(mine))])  # rank r played instances r, r + N, ...
     summaries = [parts[b % ranks.world][b // ranks.world] for b in range(args.instances)]
+    flat = [s for group in summaries for s in group]  # episode b * G + k of the step
     returns = torch.tensor([[s["returns"] for s in group] for group in summaries])
     rewards = returns[..., 0]
     # 4. Advantages per group and part; groups whose rewards are all equal are dropped.
@@ -293,16 +294,18 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
     # 5. Update: minibatches planned over the step's kept episodes alike on every rank, each rank training its own.
     logs = {}
     if kept:
-        plan = plan_minibatches({e: summaries[e // G][e % G]["length"] for e in kept}, G, args.minibatches,
-                                f"{args.seed}:{step}")
-        my_episodes = dict(zip([b * G + k for b in mine for k in range(G)], batch_episodes(
-            batch, range(batch.n), [[float(advantages[b, k, p]) for p in summaries[b][k]["parts"]]
-                                    for b in mine for k in range(G)], [b for b in mine for _ in range(G)])))
-        count = sum(summaries[e // G][e % G]["tokens"] for e in kept)
+        plan = plan_minibatches({e: flat[e]["length"] for e in kept}, G, args.minibatches, f"{args.seed}:{step}")
+        my_episodes = {}  # this rank's kept episodes by their number in the step (instance mine[i]: rows i * G + k)
+        for i, b in enumerate(mine):
+            if not keep[b]:
+                continue
+            for k in range(G):
+                reply_advantages = [float(advantages[b, k, p]) for p in flat[b * G + k]["parts"]]
+                my_episodes[b * G + k], = batch_episodes(batch, [i * G + k], [reply_advantages], [b])
+        count = sum(flat[e]["tokens"] for e in kept)
         logs = update(learner, reference, optimizer, [[my_episodes[e] for e in chunk if e in my_episodes]
                                                       for chunk in plan], count / len(plan), ranks, args)
     # 6. Log.
-    flat = [s for group in summaries for s in group]
     turns, tokens = sum(s["turns"] for s in flat), sum(s["tokens"] for s in flat)
     totals["turns"] += turns
     totals["tokens"] += tokens

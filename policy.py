@@ -679,11 +679,11 @@ def sft_start(name: str = "tiny", seed: int = 0, **overrides) -> Path:
     if recipe["drill_shares"] is None:
         examples += drill_examples(policy, drill_rows, recipe["drill_choices"])
     else:
-        drills = {name: drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == name],
-                                       recipe["drill_choices"]) for name in games.GAMES}
+        drills = {game: drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == game],
+                                       recipe["drill_choices"]) for game in games.GAMES}
         drills["free text"] = drill_examples(policy, drill_rows, free=True)
         unit, rng = min(len(d) for d in drills.values()), random.Random(seed)
-        examples += [e for name, d in drills.items() for e in rng.sample(d, round(unit * recipe["drill_shares"][name]))]
+        examples += [e for kind, d in drills.items() for e in rng.sample(d, round(unit * recipe["drill_shares"][kind]))]
     batch = recipe["batch_size"]
     losses = sft(policy, examples, recipe["steps"] * batch / len(examples) if recipe["steps"] else 1.0, batch,
                  recipe["lr"], seed, decay=recipe["decay"], desc=f"SFT of {name} on random-legal play",
