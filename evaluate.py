@@ -387,7 +387,7 @@ def bench(policy: Policy, instances: int = 4, group_size: int = 8, max_new_token
                               max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=policy.pad_id)
     theirs = time.time() - start
     new = batch.n * max_new_tokens
-    flops_ours = forward_flops(policy, sum(map(len, prompt_ids)) + new, batch.n + new)  # no padding
+    flops_ours = forward_flops(policy, sum(map(len, set(map(tuple, prompt_ids)))) + new, batch.n + new)  # a group's prompt once
     flops_theirs = forward_flops(policy, ids.numel() + new, batch.n + new)
     result = {"matmul_gflops": rate, "rollout_tokens_per_s": new / ours, "generate_tokens_per_s": new / theirs,
               "rollout_flop_bound_s": flops_ours / rate / 1e9, "rollout_s": ours, "generate_s": theirs,

@@ -10,7 +10,7 @@ Training sequences are built from exact token ids: each user turn is the chunk t
 inserts for it (Policy.user_turn_ids), each assistant turn the sampled ids, closed by the end-of-turn token.
 With logits divided by the sampling temperature, log pi(token) at training time equals the log-prob recorded
 while sampling, so the GRPO ratio starts at exactly 1. Reading order: Policy, ChatBatch and play (the
-rollout), token_logprobs, loading, SFT and the warm start; the one speed-up comes last.
+rollout), token_logprobs, loading, SFT and the warm start; two speed-ups come last.
 """
 from __future__ import annotations
 
@@ -173,6 +173,7 @@ class ChatBatch:
     (left-padded so every row ends on a real token), then one sampled token per step; rows that sit out a
     turn get masked padding, finished rows leave the cache. Row r samples from its own random stream
     (`stream(keys[r])`), so what it samples does not depend on the other rows or the process."""
+    share_first_turn = True  # run each distinct first turn once (first_turn_once, a speed-up)
 
     def __init__(self, policy: Policy, keys: list):
         n_rows = len(keys)
@@ -224,8 +225,11 @@ class ChatBatch:
         for r, t in tokens.items():
             self.seen[r] += len(t)
         if self.cache is None:  # the first turn
-            self.cache, self.mask = DynamicCache(), new_mask[:, :0].to(dev)
-        self.mask = torch.cat([self.mask, new_mask.to(dev)], 1)
+            self.cache, self.mask = DynamicCache(), new_mask.to(dev)
+            if self.share_first_turn:
+                return first_turn_once(self.policy, ids, new_mask, pos, self.cache)
+        else:
+            self.mask = torch.cat([self.mask, new_mask.to(dev)], 1)
         with self.policy.autocast():
             out = self.policy.model(input_ids=ids.to(dev), attention_mask=self.mask, position_ids=pos.to(dev),
                                     past_key_values=self.cache, use_cache=True, logits_to_keep=1)
@@ -696,9 +700,10 @@ def sft_start(name: str = "tiny", seed: int = 0, **overrides) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------------ speed-up
-# Training log-probs share each GRPO group's prompt (token_logprobs' `groups`): x1.11 of the default nested
-# step, x1.06 of a SmolLM2 TicTacToe step. test_all.py checks it changes no log-prob and no gradient.
+# ----------------------------------------------------------------------------------------- speed-ups
+# A GRPO group's G episodes open with one prompt. Training log-probs run it once per group (token_logprobs'
+# `groups`), and so does the rollout's first turn (ChatBatch.share_first_turn). test_all.py checks that
+# neither changes a sampled token, a log-prob or a gradient.
 def shared_prefix_states(policy: Policy, seqs: list[list[int]], groups: list, where: torch.Tensor) -> torch.Tensor:
     """The decoder's last hidden states at the positions `where` ([sequences, width - 1]; position t predicts
     token t + 1), each group's common prefix computed once: the prefixes run as one left-padded batch, their
@@ -732,6 +737,19 @@ def shared_prefix_states(policy: Policy, seqs: list[list[int]], groups: list, wh
     # index_select, not states[index]: the latter's backward (an accumulating index_put) adds in a
     # thread-dependent order on CPU, and the same seed must give the same metrics.
     return states.index_select(0, index.to(dev))
+
+
+def first_turn_once(policy: Policy, ids, mask, pos, cache) -> torch.Tensor:
+    """ChatBatch's first forward with each distinct row run once: a GRPO group's G episodes open with one
+    prompt. The cache then copies its keys and values to every row; returns every row's last logits."""
+    dev = policy.device
+    distinct, row_of = torch.unique(torch.cat([ids, mask], 1), dim=0, return_inverse=True)
+    first = [row_of.tolist().index(k) for k in range(len(distinct))]  # a row of each distinct first turn
+    with policy.autocast():
+        out = policy.model(input_ids=ids[first].to(dev), attention_mask=mask[first].to(dev),
+                           position_ids=pos[first].to(dev), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.reorder_cache(row_of.to(dev))
+    return out.logits[row_of.to(dev), -1].float()
 
 
 # ------------------------------------------------------------------------------------------- CLI

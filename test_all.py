@@ -747,6 +747,23 @@ def test_shared_prefixes_give_the_same_logprobs_and_gradients_as_whole_sequences
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-4) and mask.sum() > 30
 
 
+def test_each_distinct_first_turn_is_computed_once_and_samples_the_same(tiny, monkeypatch):
+    """first_turn_once: rows that open with one prompt share its forward pass (7 rows, 3 prompts), and
+    every sampled token and its log-prob is what each row running its own first turn gives."""
+    rows_per_forward = []
+    hook = tiny.model.register_forward_pre_hook(lambda m, a, k: rows_per_forward.append(len(k["input_ids"])),
+                                                with_kwargs=True)
+    try:
+        shared, _ = _grouped_conversations(tiny)
+        monkeypatch.setattr(policy_lib.ChatBatch, "share_first_turn", False)
+        plain, _ = _grouped_conversations(tiny)
+    finally:
+        hook.remove()
+    assert rows_per_forward[0] == 3 and rows_per_forward[len(rows_per_forward) // 2] == 7
+    assert shared.ids == plain.ids and shared.sampled == plain.sampled and sum(map(sum, plain.sampled)) > 30
+    assert np.allclose(sum(shared.logprobs, []), sum(plain.logprobs, []), atol=1e-5)
+
+
 def test_final_logit_processing_is_applied_and_checked(families):
     """Gemma-2 softcaps its logits and Cohere scales them: training log-probs must do the same."""
     import transformers
