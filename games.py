@@ -69,12 +69,10 @@ class Game:
             raise ValueError("max_tries must be at least 1")
         self.split, self.max_tries = split, max_tries
 
-    def reset(self, seed: int, players: int | None = None) -> "Game":
-        """`players` names a stream of its own for the scripted and random players' choices (a GRPO group's
-        episodes each get one, so a deterministic learner still meets different play); None: the seed's."""
+    def reset(self, seed: int) -> "Game":
         self.seed = seed
-        self.rng = random.Random(seed)  # the game itself: roles, words, openings, ties
-        self.opponent_rng = random.Random(f"{seed}:players" + ("" if players is None else f":{players}"))
+        self.rng = random.Random(seed)                    # the game itself: roles, words, openings, ties
+        self.opponent_rng = random.Random(f"{seed}:players")  # scripted and random players' choices
         n = self.num_seats
         self.learner_seat = 0
         self.invalid = [0] * n       # invalid replies so far, per seat
@@ -234,8 +232,8 @@ class MatrixGame(Game):
     """One-shot bimatrix game: the single seat is Player 1 or Player 2 and names an action (1-based)."""
     name, num_seats = "matrix", 1
 
-    def reset(self, seed, players=None):
-        super().reset(seed, players)
+    def reset(self, seed):
+        super().reset(seed)
         rng = self.rng
         self.game_name = rng.choice(list(MATRIX_GAMES))
         A, B = (np.array(m) for m in MATRIX_GAMES[self.game_name])
@@ -330,8 +328,8 @@ class TicTacToe(Game):
         super().__init__(split, max_tries)
         self.opponent, self.random_prob = opponent, opponent_randomness(opponent)
 
-    def reset(self, seed, players=None):
-        super().reset(seed, players)
+    def reset(self, seed):
+        super().reset(seed)
         self.board = "." * 9
         self.has_moved = [False, False]
         self.learner_seat = self.rng.randrange(2)
@@ -511,8 +509,8 @@ class Spy(Game):
     ROUNDS = 2
     TURNS = [(phase, s) for phase in range(ROUNDS + 1) for s in range(4)]  # speaking order; phase ROUNDS votes
 
-    def reset(self, seed, players=None):
-        super().reset(seed, players)
+    def reset(self, seed):
+        super().reset(seed)
         rng = self.rng
         pair = rng.choice(SPY_PAIRS[self.split])
         civilian_word, spy_word = rng.sample(pair["words"], 2)

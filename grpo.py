@@ -274,9 +274,8 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
     # 1. Plan: the step's B instances; this rank plays instances rank, rank + N, ... (whole groups).
     instances = nested.step_instances(args.games, args.mode, args.seed, step, args.instances)
     mine = list(range(ranks.rank, args.instances, ranks.world))
-    # A group's G episodes play one instance, each against its own draws of the scripted players' choices.
     episodes = [nested.make_game(instances[b][0], "train", args.opponent, args.nested_reward)
-                .reset(instances[b][1], players=k) for b in mine for k in range(G)]
+                .reset(instances[b][1]) for b in mine for _ in range(G)]
     # 2. Play. Each episode samples from its own stream, named by its instance's seed and its place in the group.
     keys = [(instances[b][1], k) for b in mine for k in range(G)]
     batch = policy_lib.play(learner, episodes, keys, args.temperature, args.max_new_tokens, opponent)

@@ -37,10 +37,10 @@ class NestedGame(games.Game):
         self.subgames = [games.make(n, split=split, **(options or {}).get(n, {})) for n in names]
         self.num_seats = max(g.num_seats for g in self.subgames)
 
-    def reset(self, seed: int, players: int | None = None) -> "NestedGame":
+    def reset(self, seed: int) -> "NestedGame":
         self.seed, self.learner_seat, self.current = seed, 0, 0
         for k, g in enumerate(self.subgames):  # of the seed's parity: training and evaluation seeds stay apart
-            g.reset(2 * (seed * 16 + k) + seed % 2, players)
+            g.reset(2 * (seed * 16 + k) + seed % 2)
         self.learner_moved = False  # has the learner replied in the current sub-game yet?
         self.learner_turns = []     # the sub-game of each learner reply, in order (for causal credit)
         self._sync()
