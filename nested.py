@@ -1,16 +1,17 @@
-"""What a GRPO step plays: nested episodes (an explicit AND of games) or mixed ones (an implicit OR).
+"""What a GRPO step plays: nested episodes (an explicit AND of games) or mixed ones (an OR).
 
     nested: one episode plays the chosen games in sequence, e.g. matrix -> tictactoe -> spy, as one
-            continuing conversation for the learner, a hand-over line between sub-games; a failed sub-game
-            does not stop the episode. Its return aggregates the sub-games' returns R_k (penalties included):
+            continuing conversation for the learner, a hand-over line between sub-games; a failed
+            sub-game does not stop the episode. Its return aggregates the sub-games' returns R_k
+            (penalties included):
                 mean (GIFT):  R = (1/K) sum_k R_k      min (strict AND):  R = min_k R_k
             Causal credit (grpo.py's default with the mean): a reply in sub-game k is credited with
             (1/K) sum_{j>=k} R_j, the part of the mean it can still change.
     mixed:  every episode is one game, drawn uniformly; each GRPO group holds one game.
 
-`NestedGame` speaks the games' protocol, so the rollout plays it like any other game; the learner is its seat
-0. `step_instances` is the one place where nested and mixed differ; `random_transcripts` writes random-legal
-play, what SFT starts a model from (policy.py).
+`NestedGame` speaks the games' protocol, so the rollout plays it like any other game; the learner is
+its seat 0. `step_instances` is the one place where nested and mixed differ; `random_transcripts`
+writes random-legal play, what SFT starts a model from (policy.py).
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ class NestedGame(games.Game):
     """Several games played one after another by the same learner, in one conversation."""
     name = "nested"
 
-    def __init__(self, names: list[str], split: str = "train", reward: str = "mean", options: dict | None = None):
+    def __init__(self, names: list[str], split: str = "train", reward: str = "mean",
+                 options: dict | None = None):
         if reward not in NESTED_REWARDS:
-            raise ValueError(f"nested reward must be one of {', '.join(NESTED_REWARDS)}, got {reward!r}")
+            raise ValueError(f"nested reward must be one of {', '.join(NESTED_REWARDS)}, "
+                             f"got {reward!r}")
         if not 2 <= len(names) <= 16:
             raise ValueError("a nested game chains 2 to 16 games")
         super().__init__(split)
@@ -39,10 +42,11 @@ class NestedGame(games.Game):
 
     def reset(self, seed: int) -> "NestedGame":
         self.seed, self.learner_seat, self.current = seed, 0, 0
-        for k, g in enumerate(self.subgames):  # of the seed's parity: training and evaluation seeds stay apart
+        # Sub-game seeds keep the seed's parity: training and evaluation seeds stay apart.
+        for k, g in enumerate(self.subgames):
             g.reset(2 * (seed * 16 + k) + seed % 2)
         self.learner_moved = False  # has the learner replied in the current sub-game yet?
-        self.learner_turns = []     # the sub-game of each learner reply, in order (for causal credit)
+        self.learner_turns = []     # the sub-game of each learner reply, in order (causal credit)
         self._sync()
         return self
 
@@ -67,18 +71,19 @@ class NestedGame(games.Game):
 
     @property
     def rewards(self) -> list[float]:
-        """The learner's return aggregates the sub-games' (penalties included); other seats get 0."""
+        """The learner's return aggregates the sub-games' (penalties included); others get 0."""
         if not self.done:
             return [0.0] * self.num_seats
         return [NESTED_REWARDS[self.reward_rule](self.sub_rewards())] + [0.0] * (self.num_seats - 1)
 
     def returns_to_go(self) -> list[float]:
-        """Sub-game k's share of the mean return from k on: (1/K) sum_{j >= k} R_j. A reply in sub-game k
-        cannot change a sub-game already over, so crediting it with these instead of the whole return drops
-        terms whose expected gradient is zero (causality) and keeps the mean's objective. The min does not
-        split by sub-game."""
+        """Sub-game k's share of the mean return from k on: (1/K) sum_{j >= k} R_j. A reply in
+        sub-game k cannot change a sub-game already over, so crediting it with these instead of the
+        whole return drops terms whose expected gradient is zero (causality) and keeps the mean's
+        objective. The min does not split by sub-game."""
         if self.reward_rule != "mean":
-            raise ValueError(f"causal credit needs the mean nested reward, not {self.reward_rule!r}")
+            raise ValueError(f"causal credit needs the mean nested reward, not "
+                             f"{self.reward_rule!r}")
         rs = self.sub_rewards()
         return [sum(rs[k:]) / len(rs) for k in range(len(rs))]
 
@@ -104,8 +109,9 @@ class NestedGame(games.Game):
         """The line that closes the previous sub-game and opens the current one."""
         done = self.subgames[self.current - 1]
         result = {"win": "won", "draw": "drew", "loss": "lost"}[done.outcome(done.learner_seat)]
-        return (f"[Game {self.current} of {len(self.subgames)} ({done.name}) is over: you {result}. "
-                f"Game {self.current + 1} of {len(self.subgames)}: {self.game.name}.]\n")
+        k, n = self.current, len(self.subgames)
+        return (f"[Game {k} of {n} ({done.name}) is over: you {result}. "
+                f"Game {k + 1} of {n}: {self.game.name}.]\n")
 
     def prompt(self, seat: int) -> str:
         text = self.game.prompt(self._seat_map()[seat])
@@ -132,63 +138,57 @@ def is_llm_opponent(spec: str) -> bool:
 
 
 def check_opponent(spec: str):
-    """ValueError unless `spec` names an opponent: random, expert, eps:P, self or model:PATH."""
+    """ValueError unless `spec` names an opponent: random, expert, eps:P[-Q], self or model:PATH."""
     if (is_llm_opponent(spec) and spec != "model:") or spec in ("random", "expert"):
         return
     try:
         games.opponent_randomness(spec)
     except ValueError:
-        raise ValueError("--opponent must be random, expert, eps:P (0<=P<=1), self or model:PATH; "
-                         f"got {spec!r}") from None
+        raise ValueError("--opponent must be random, expert, eps:P, eps:P-Q (0<=P<=Q<=1), self or "
+                         f"model:PATH; got {spec!r}") from None
 
 
-def make_game(name: str, split: str = "train", opponent: str = "random", reward: str = "mean") -> games.Game:
-    """A game by name; "matrix>tictactoe>spy" is a nested game of those games in that order. TicTacToe's
-    scripted seat plays `opponent` (random, expert or eps:P; random where language models play the other
-    seats: self or model:PATH)."""
+def make_game(name: str, split: str = "train", opponent: str = "random",
+              reward: str = "mean") -> games.Game:
+    """A game by name; "matrix>tictactoe>spy" is a nested game of those games in that order.
+    TicTacToe's scripted seat plays `opponent` (random, expert or eps:P; random where language
+    models play the other seats: self or model:PATH)."""
     options = {"tictactoe": {"opponent": "random" if is_llm_opponent(opponent) else opponent}}
     if ">" in name:
         return NestedGame(name.split(">"), split, reward, options)
     return games.make(name, split=split, **options.get(name, {}))
 
 
-def step_instances(names: list[str], mode: str, run_seed: int, step: int, n: int) -> list[tuple[str, int]]:
-    """The n (game name, seed) instances of a training step, a pure function of the run's seed and the
-    step (a resumed run replays the same games). nested: every instance chains all the games in order;
-    mixed: each instance is one game, drawn uniformly (so each GRPO group holds one game)."""
+def step_instances(names: list[str], mode: str, run_seed: int, step: int,
+                   n: int) -> list[tuple[str, int]]:
+    """The n (game name, seed) instances of a training step, a pure function of the run's seed and
+    the step (a resumed run replays the same games). nested: every instance chains all the games in
+    order; mixed: each instance is one game, drawn uniformly (so each GRPO group holds one game)."""
     rng = random.Random(f"{run_seed}:{step}")
     chosen = [">".join(names) if mode == "nested" else rng.choice(names) for _ in range(n)]
     return [(name, games.train_seed(run_seed, step, i)) for i, name in enumerate(chosen)]
 
 
 def results(episode: games.Game) -> list[tuple[str, str, int]]:
-    """(game, the learner's outcome, its invalid replies) for each game an episode played: one for a single
-    game, one per sub-game of a nested one."""
+    """(game, the learner's outcome, its invalid replies) for each game an episode played: one for a
+    single game, one per sub-game of a nested one."""
     played = getattr(episode, "subgames", [episode])
     return [(g.name, g.outcome(g.learner_seat), g.invalid[g.learner_seat]) for g in played]
 
 
 def credit(episode: games.Game, causal: bool) -> tuple[list[int] | None, list[float]]:
-    """What each learner reply of a finished episode is credited with: the part (sub-game) of each reply
-    (None: all are part 0) and each part's return; part 0's is the learner's return. Causal credit of a
-    nested episode: sub-game k's return-to-go (returns_to_go), its part 0 the mean, the return."""
+    """What each learner reply of a finished episode is credited with: the part (sub-game) of each
+    reply (None: all are part 0) and each part's return; part 0's is the learner's return. Causal
+    credit of a nested episode: sub-game k's return-to-go (returns_to_go), its part 0 the mean, the
+    return."""
     if causal and isinstance(episode, NestedGame):
         return list(episode.learner_turns), episode.returns_to_go()
     return None, [episode.rewards[episode.learner_seat]]
 
 
-def summary(episode: games.Game, batch, row: int, causal: bool) -> dict:
-    """What a GRPO step needs of a played episode, row `row` of the learner's policy.ChatBatch (small enough
-    to send between ranks): its credit, its learner tokens, turns and results."""
-    turns = sum(m["role"] == "assistant" for m in batch.messages[row])
-    parts, returns = credit(episode, causal)
-    return {"returns": returns, "parts": parts or [0] * turns, "tokens": sum(batch.sampled[row]),
-            "length": len(batch.ids[row]), "turns": turns, "results": results(episode)}
-
-
 def game_stats(played: list[tuple[str, str, int]]) -> dict[str, float]:
-    """Per game, over the `results` of a step's episodes: the learner's win/draw/loss rates and its invalid
-    replies per game played."""
+    """Per game, over the `results` of a step's episodes: the learner's win/draw/loss rates and its
+    invalid replies per game played."""
     stats = {}
     for name in sorted({r[0] for r in played}):
         mine = [r for r in played if r[0] == name]
@@ -200,13 +200,15 @@ def game_stats(played: list[tuple[str, str, int]]) -> dict[str, float]:
 
 def random_transcripts(path: Path, n_per_game: int, seed: int = 0, n_nested: int = 0, step: int = 0,
                        mistakes: float = 0.0) -> Path:
-    """Random-legal play of every game, the learner seat's view as chat JSONL (HF format), then `n_nested`
-    nested episodes (all games, a random order each); game i has the training seed train_seed(seed, step, i).
-    meta["choices"] lists, per learner turn, the replies random play drew from (Game.random_replies) and
-    meta["free"] where they were free text. `mistakes`: the chance that a turn with listed choices first gets
-    another game's choice or a taken one (its meta["choices"] None), so that a retry prompt follows."""
+    """Random-legal play of every game, the learner seat's view as chat JSONL (HF format), then
+    `n_nested` nested episodes (all games, a random order each); game i has the training seed
+    train_seed(seed, step, i). meta["choices"] lists, per learner turn, the replies random play drew
+    from (Game.random_replies) and meta["free"] where they were free text. `mistakes`: the chance
+    that a turn with listed choices first gets another game's choice or a taken one (its
+    meta["choices"] None), so that a retry prompt follows."""
     order, errs = random.Random(seed), random.Random(f"{seed} mistakes")
-    plan = [(name, i) for name in games.GAMES for i in range(n_per_game)] + [(None, i) for i in range(n_nested)]
+    plan = [(name, i) for name in games.GAMES for i in range(n_per_game)]
+    plan += [(None, i) for i in range(n_nested)]
     with open(path, "w") as f:
         for name, i in plan:
             game_seed = games.train_seed(seed, step, i)
@@ -223,16 +225,19 @@ def random_transcripts(path: Path, n_per_game: int, seed: int = 0, n_nested: int
                     continue
                 legal = g.legal_replies(seat)
                 if legal and mistakes and errs.random() < mistakes:
-                    wrong = errs.choice([r for r in map(games.answer, games.CHOICES) if r not in legal])
-                    messages += [{"role": "user", "content": g.prompt(seat)}, {"role": "assistant", "content": wrong}]
+                    wrong = errs.choice([r for r in map(games.answer, games.CHOICES)
+                                         if r not in legal])
+                    messages += [{"role": "user", "content": g.prompt(seat)},
+                                 {"role": "assistant", "content": wrong}]
                     choices.append(None)
                     free.append(False)
                     if g.step(seat, wrong):
-                        raise AssertionError(f"{g.name} accepted {wrong!r}, which is not among its legal replies")
+                        raise AssertionError(f"{g.name} accepted {wrong!r}, not a legal reply")
                 choices.append(g.random_replies(seat))
                 free.append(legal is None)
                 reply = g.random_reply(seat)
-                messages += [{"role": "user", "content": g.prompt(seat)}, {"role": "assistant", "content": reply}]
+                messages += [{"role": "user", "content": g.prompt(seat)},
+                             {"role": "assistant", "content": reply}]
                 g.step(seat, reply)
             meta = {"game": name, "seed": game_seed, "player": "random-legal",
                     "reward": g.rewards[g.learner_seat], "choices": choices, "free": free}

