@@ -462,7 +462,7 @@ def parse_args(argv=None):
         help="let templates with a thinking switch (Qwen3) think (off: replies are short)")
     add("--train-layers", type=int, default=0, help="train only the top N decoder layers and the "
         "final norm (0: every weight): less compute and memory per step, at a cost to learning")
-    add("--micro-batch-gb", type=float, default=4.0, help="activations per forward and backward: "
+    add("--micro-batch-gb", type=float, default=3.0, help="activations per forward and backward: "
         "minibatches are split into pieces of about this many GB (same gradient)")
     add("--grad-checkpointing", action="store_true",
         help="recompute activations in backward: less memory for long nested conversations, slower")
