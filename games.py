@@ -429,8 +429,8 @@ class TicTacToe(Game):
 
 
 # ------------------------------------------------------------------------------- Who's the Spy
-# One pair per line: "word / word: attributes of both | attributes of the first only | of the second
-# only".
+# A pair a line (an indented line goes on): "word / word: attributes of both | attributes of the
+# first only | of the second only".
 LEXICON_TEXT = """\
 coffee / tea: hot drink, cup, caffeine | beans, espresso, roasted | leaves, kettle, herbal
 cat / dog: pet, fur, tail | meow, purr, litter box | bark, fetch, leash
@@ -438,10 +438,12 @@ apple / pear: fruit, orchard, juicy | red, pie, cider | bell shape, grainy, gree
 piano / guitar: instrument, music, notes | keys, pedals, grand | strings, strum, frets
 sun / moon: sky, round, light | daytime, hot, solar | night, craters, tides
 river / lake: water, fish, boat | flowing, current, delta | still, shore, frozen
-train / bus: passengers, ticket, timetable | rails, station, carriages | road, city stops, double decker
+train / bus: passengers, ticket, timetable | rails, station, carriages |
+    road, city stops, double decker
 pen / pencil: writing, paper, school | ink, cap, ballpoint | graphite, eraser, sharpener
 beach / desert: sand, hot, sunburn | waves, swimming, seashells | cactus, dunes, camel
-doctor / nurse: hospital, patients, medicine | diagnosis, surgeon, prescription | care, shifts, injections
+doctor / nurse: hospital, patients, medicine | diagnosis, surgeon, prescription |
+    care, shifts, injections
 rose / tulip: flower, garden, petals | thorns, romance, valentine | bulb, holland, spring
 soccer / basketball: ball, team, sport | goal, kick, pitch | hoop, dribble, court
 winter / summer: season, weather, holiday | snow, cold, scarf | heat, vacation, sunscreen
@@ -486,9 +488,11 @@ ghost / vampire: scary, night, halloween | white sheet, haunt, boo | blood, fang
 ketchup / mustard: sauce, bottle, hot dog | tomato, red, fries | yellow, spicy, seeds
 glasses / contact lenses: vision, eyes, optician | frames, nose, case | invisible, finger, solution
 cookie / cracker: snack, crunchy, baked | chocolate chips, sweet, milk | salty, cheese, savory
-hospital / pharmacy: medicine, health, sick | beds, surgery, ambulance | pills, prescription, counter
+hospital / pharmacy: medicine, health, sick | beds, surgery, ambulance |
+    pills, prescription, counter
 drum / trumpet: instrument, band, loud | sticks, beat, rhythm | brass, blow, valves
-president / mayor: leader, election, politics | country, white house, nation | city, town hall, local
+president / mayor: leader, election, politics | country, white house, nation |
+    city, town hall, local
 library / bookstore: books, shelves, reading | borrow, quiet, librarian | buy, cashier, new releases
 elephant / rhino: big, grey, africa | trunk, tusks, ears | horn, thick skin, charge
 hat / helmet: head, wear, protect | brim, fashion, sun | hard, safety, motorcycle
@@ -502,9 +506,10 @@ key / lock: door, metal, security | turn, pocket, ring | padlock, combination, l
 
 def _parse_lexicon(text: str) -> list[dict]:
     pairs = []
-    for line in text.strip().splitlines():
+    for line in text.strip().replace("\n    ", " ").splitlines():
         words, attrs = line.split(":")
-        shared, first, second = ([a.strip() for a in part.split(",")] for part in attrs.split("|"))
+        parts = attrs.split("|")
+        shared, first, second = ([a.strip() for a in part.split(",")] for part in parts)
         w1, w2 = (w.strip() for w in words.split("/"))
         pairs.append({"words": (w1, w2), "shared": shared, w1: first, w2: second})
     return pairs

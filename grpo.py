@@ -70,6 +70,30 @@ def group_advantages(returns: torch.Tensor, scale: str = "group", top_fraction: 
     return advantages, keep
 
 
+def running_advantages(returns: torch.Tensor, roles: list[str], baselines: dict, decay=0.9):
+    """--baseline running (SPIRAL's role-conditioned advantage): an episode's advantage is its
+    return less the running mean of the returns of its role (game and seat), every group kept, so
+    a group without spread still carries signal. The means (`baselines`, role -> one per part, kept
+    in the checkpoint) then move a (1 - decay) step towards this step's. returns: [B, G, parts]."""
+    flat = returns.flatten(0, 1)
+    members = {r: [e for e, x in enumerate(roles) if x == r] for r in set(roles)}
+    step_means = {r: flat[episodes].mean(0) for r, episodes in members.items()}
+    base = torch.stack([torch.tensor(baselines.get(r, step_means[r].tolist())) for r in roles])
+    for r, mean in step_means.items():
+        old = torch.tensor(baselines.get(r, mean.tolist()))
+        baselines[r] = (decay * old + (1 - decay) * mean).tolist()
+    keep = torch.ones(returns.shape[0], dtype=torch.bool)
+    return (flat - base).view(returns.shape), keep
+
+
+def role(episode: games.Game) -> str:
+    """The learner's role in an episode, for --baseline running: the game and the learner's seat
+    (TicTacToe: first or second; Spy: civilian or spy; Matrix: Player 1 or 2)."""
+    seat = episode.learner_seat
+    detail = getattr(episode, "roles", [getattr(episode, "role", "")] * episode.num_seats)[seat]
+    return f"{episode.name}:{detail}"
+
+
 def grpo_loss(logp, logp_old, logp_ref, advantages, mask, eps_low=0.2, eps_high=0.28, beta=0.04,
               normalizer=None):
     """The clipped GRPO objective with a k3 KL penalty. Tensors are [sequences, tokens]
@@ -114,8 +138,12 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
     summaries = ranks.concat([summary(g, batch, i, causal) for i, g in enumerate(episodes)])
     returns = torch.tensor([s["returns"] for s in summaries]).view(args.instances, G, -1)
     # 4. Advantages per group and part, [B * G, parts]; groups whose returns are all equal are
-    # dropped.
-    advantages, keep = group_advantages(returns, args.scale_rewards, args.top_groups)
+    # dropped (--baseline running: none).
+    if args.baseline == "running":
+        roles = ranks.concat([role(g) for g in episodes])
+        advantages, keep = running_advantages(returns, roles, totals["baselines"])
+    else:
+        advantages, keep = group_advantages(returns, args.scale_rewards, args.top_groups)
     advantages = advantages.flatten(0, 1)
     kept = [e for e in range(args.instances * G) if keep[e // G]]
     # 5. Update: minibatches planned over the step's kept episodes alike on every rank; each rank
@@ -245,6 +273,8 @@ def update(learner, reference, optimizer, minibatches: list[list[dict]], normali
             loss, diag = grpo_loss(logp, piece["logp_old"], piece["logp_ref"],
                                    piece["advantages"], piece["mask"], args.eps_low, args.eps_high,
                                    args.beta, normalizer)
+            if args.entropy_coef:  # a bonus for spread-out predictions, against early collapse
+                loss = loss - args.entropy_coef * (entropy * piece["mask"]).sum() / normalizer
             loss.backward()
             sums["loss"] += loss.item()
             for key, value in (("kl", diag["kl"]), ("clip_ratio", diag["clipped"]),
@@ -303,6 +333,8 @@ def setup(args, ranks):
         learner.model.gradient_checkpointing_enable()
     if args.train_layers:
         train_top_layers(learner.model, args.train_layers)
+    if ranks.main:
+        print(f"{args.model}: {learner.precision} compute, float32 weights ({learner.why})")
     reference = load(args.start_model) if args.beta > 0 else None
     opponent = None
     if args.opponent == "self":
@@ -311,7 +343,7 @@ def setup(args, ranks):
     elif args.opponent.startswith("model:"):
         opponent = load(args.opponent[len("model:"):])
     optimizer = torch.optim.AdamW(trainable(learner.model), lr=args.lr, weight_decay=0.0)
-    step, totals = 0, {"turns": 0, "tokens": 0, "episodes": 0}
+    step, totals = 0, {"turns": 0, "tokens": 0, "episodes": 0, "baselines": {}}
     if args.resume:  # tensors and JSON only: a run folder from elsewhere cannot run code here
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         state = json.loads((checkpoint / "trainer.json").read_text())
@@ -448,6 +480,10 @@ def parse_args(argv=None):
     add("--scale-rewards", default="group", choices=["group", "none"],
         help="divide advantages by the group std")
     add("--top-groups", type=float, default=1.0, help="keep this fraction of groups, by spread")
+    add("--baseline", default="group", choices=["group", "running"], help="what a return is "
+        "compared with: its group's mean, or the running mean of its role's returns (SPIRAL)")
+    add("--entropy-coef", type=float, default=0.0,
+        help="weight of an entropy bonus per learner token (0: none)")
     add("--max-new-tokens", type=int, default=24, help="cap on generated tokens per turn")
     add("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     # Where and how

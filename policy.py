@@ -1,4 +1,4 @@
-"""The language model: any Hugging Face chat model, SmolLM2-135M-Instruct from its registry package,
+"""The language model: any Hugging Face chat model, SmolLM2-135M-Instruct from its registry package
 or the embedded tiny default; batched multi-turn generation that keeps each conversation's KV cache;
 exact token log-probs; SFT (the tiny model's warm start, a chat model's format SFT).
 
@@ -8,12 +8,11 @@ exact token log-probs; SFT (the tiny model's warm start, a chat model's format S
 
 Training sequences are built from exact token ids: each user turn is the chunk the model's own chat
 template inserts for it (Policy.user_turn_ids), each assistant turn the sampled ids, closed by the
-end-of-turn token. Precision: bf16 products wherever the hardware runs them faster (a GPU, a CPU
-with AMX or AVX512-BF16), over float32 weights and optimizer state; the rollout samples from a bf16
-copy of the weights, cast once per rollout. In float32, log pi(token) at training time equals the
-log-prob recorded while sampling; in bf16 the two differ slightly, so the trainer recomputes the old
-log-probs (grpo.update). Reading order: Policy, ChatBatch and play (the rollout), token_logprobs,
-loading, SFT and the warm start; speed-ups come last.
+end-of-turn token. Precision: bf16 products where the hardware runs them faster, over float32
+weights; the rollout samples from a bf16 copy of the weights. In float32, log pi(token) at training
+time equals the log-prob recorded while sampling; in bf16 the two differ slightly, so the trainer
+recomputes the old log-probs (grpo.update). Reading order: Policy, ChatBatch and play (the
+rollout), token_logprobs, loading, SFT and the warm start; speed-ups come last.
 """
 from __future__ import annotations
 
@@ -43,16 +42,14 @@ import nested
 
 hf_logging.disable_progress_bar()  # transformers' own bars would print on every save and load
 # transformers 5.2x renames the forward's `past_key_values` to `cache` and warns on every call;
-# earlier 5.x releases know only the old name, which works up to 5.40 (requirements.txt stops below
-# it).
+# earlier 5.x releases know only the old name, which works up to 5.40 (requirements.txt's limit).
 warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
 CACHE_DIR = Path(os.environ.get("GAME_GRPO_CACHE", Path(__file__).resolve().parent / ".cache"))
 TINY_SPECIAL = ["<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 TINY_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-# Two layers: copying a listed reply, the skill every valid reply needs, is learned sooner by a
-# shallow model.
+# Two layers: a shallow model learns sooner to copy a listed reply, what every valid reply needs.
 TINY_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
                    tie_word_embeddings=True)
@@ -66,14 +63,13 @@ REFERENCE_HISTORY = [{"role": "user", "content": "Reference question 7"},
 
 
 class Policy:
-    """A causal LM, its tokenizer and the chat conventions needed to build token sequences turn by
-    turn.
+    """A causal LM, its tokenizer and the chat conventions that build token sequences turn by turn.
 
     A conversation's tokens are append-only: earlier turns stay exactly as sampled, even where a
     template would re-render them (Qwen3 drops earlier think blocks, Llama-3 trims content), as the
     model saw them. `thinking` goes to templates that have the switch (Qwen3). `precision` "bf16":
-    training forwards run under bf16 autocast while the weights (and so AdamW's state) stay float32,
-    and the rollout samples from a bf16 copy of the weights (`sampler`)."""
+    training forwards run under bf16 autocast over float32 weights (and AdamW state), the rollout
+    samples from a bf16 copy of the weights (`sampler`)."""
 
     def __init__(self, model, tokenizer, name: str, thinking: bool = False,
                  precision: str = "fp32"):
@@ -94,6 +90,7 @@ class Policy:
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.stop_ids = {self.end_id, tokenizer.eos_token_id, *eos} - {None}
         self.bf16_copy = None
+        self.why = "as asked"  # load_policy says why it chose the precision
 
     def render(self, messages, add_generation_prompt=False) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
@@ -101,9 +98,8 @@ class Policy:
                                                   **self.template_options)
 
     def _end_of_turn_id(self) -> int:
-        """The token the template closes an assistant turn with: the first special token after the
-        reference reply (Qwen `<|im_end|>`, Llama-3 `<|eot_id|>`, Gemma `<end_of_turn>`), not always
-        eos."""
+        """The token the template closes an assistant turn with, not always eos: the first special
+        token after the reference reply (Qwen `<|im_end|>`, Llama-3 `<|eot_id|>`, Gemma's)."""
         text = self.render(REFERENCE_HISTORY)
         reply = REFERENCE_HISTORY[1]["content"]
         after = self.tokenizer(text[text.index(reply) + len(reply):], add_special_tokens=False)
@@ -139,8 +135,7 @@ class Policy:
         return list(ids) + [self.end_id], [1] * len(ids) + [0]
 
     def reply_ids(self, text: str) -> list[int]:
-        """A reply given as text (SFT data), closed by the end-of-turn token, which is trained on.
-        """
+        """A reply given as text (SFT data), closed by the end-of-turn token (trained)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.end_id]
 
     def decode(self, ids: list[int]) -> str:
@@ -148,16 +143,14 @@ class Policy:
         return self.tokenizer.decode(kept, skip_special_tokens=True)
 
     def autocast(self):
-        """bf16 compute with float32 weights: bf16 weights would round away updates at RL learning
-        rates."""
+        """bf16 compute, float32 weights: bf16 ones would round away RL-sized updates."""
         enabled = self.precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     @torch.no_grad()
     def sampler(self):
         """The model the rollout samples from: the model itself in fp32; in bf16, a bf16 copy of its
-        weights, cast anew at each call (once per rollout), so that no forward casts a weight again.
-        """
+        weights, cast anew at each call (once per rollout), so that no forward casts them again."""
         if self.precision == "fp32":
             return self.model
         if self.bf16_copy is None:
@@ -395,16 +388,14 @@ def token_logprobs(policy: Policy, seqs: list[list[int]], mask: torch.Tensor | N
                    temperature: float = 1.0, with_entropy: bool = False):
     """log pi(seqs[i][t + 1] | seqs[i][:t + 1]) at `temperature` where mask[i, t] is 1 (default:
     every token after the first), 0 elsewhere: [sequences, longest - 1], the gradient flowing. With
-    `with_entropy`, also the entropy of each of those predictions (a diagnostic, without gradient).
-    """
+    `with_entropy`, also the entropy of each of those predictions."""
     logp, targets, where = vocab_logprobs(policy, seqs, mask, temperature)
     picked = logp.gather(-1, targets[:, None])[:, 0]
     out = torch.zeros(where.shape, device=logp.device).masked_scatter(where, picked)
     if not with_entropy:
         return out
-    with torch.no_grad():
-        entropy = -(logp.exp() * logp).sum(-1)
-        return out, torch.zeros(where.shape, device=logp.device).masked_scatter(where, entropy)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return out, torch.zeros(where.shape, device=logp.device).masked_scatter(where, entropy)
 
 
 def vocab_logprobs(policy: Policy, seqs: list[list[int]], mask: torch.Tensor | None = None,
@@ -600,24 +591,29 @@ def load_policy(name_or_path: str = "tiny", device: str = "auto", precision: str
         raise SystemExit(f"model {name_or_path!r} has no chat template; use an instruct/chat model")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    why = "as asked"
     if precision == "auto":
-        precision = auto_precision(model)
+        precision, why = auto_precision(model)
     policy = Policy(model.eval(), tokenizer, str(name_or_path), thinking, precision)
+    policy.why = why
     check_logits(policy)
     return policy
 
 
-def auto_precision(model) -> str:
+def auto_precision(model) -> tuple[str, str]:
     """bf16 where the hardware multiplies bf16 faster than float32, read off its features: a GPU
     that has bf16, or a CPU with AMX or AVX512-BF16 units; float32 elsewhere, and for models
     narrower than 512, whose products are too small to gain (the tiny model's steps: measured no
-    faster in bf16)."""
+    faster in bf16). Returns the precision and why."""
     if model.config.hidden_size < 512:
-        return "fp32"
+        return "fp32", "auto: a model this narrow gains nothing from bf16"
     if model.device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        has = torch.cuda.is_bf16_supported()
+        return ("bf16", "auto: a GPU with bf16") if has else ("fp32", "auto: a GPU without bf16")
     units = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return "bf16" if any(getattr(torch.cpu, unit, lambda: False)() for unit in units) else "fp32"
+    if any(getattr(torch.cpu, unit, lambda: False)() for unit in units):
+        return "bf16", "auto: a CPU with AMX or AVX512-BF16 units"
+    return "fp32", "auto: a CPU without bf16 units"
 
 
 def check_logits(policy: Policy):

@@ -19,6 +19,9 @@ import grpo
 import nested
 import policy as policy_lib
 
+# transformers 5.2x renames the forward's past_key_values; earlier 5.x releases know only that name.
+pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+
 
 # ==================================================================================================== games
 def test_parse_answer_handles_anything_a_model_can_emit():
@@ -597,6 +600,20 @@ def test_encode_conversation_masks_exactly_the_assistant_turns(tiny):
     assert tiny.tokenizer.decode(ids) == tiny.render(messages)
 
 
+def test_the_sft_command_fine_tunes_a_model_on_a_transcript_file(tiny, tmp_path, capsys):
+    data = nested.random_transcripts(tmp_path / "t.jsonl", n_per_game=2)
+    out = tmp_path / "tuned"
+    policy_lib.main(["sft", "--model", tiny.name, "--data", str(data), "--out", str(out),
+                     "--epochs", "4", "--lr", "3e-3"])
+    assert "steps, last loss" in capsys.readouterr().out
+    tuned = policy_lib.load_policy(str(out), device="cpu")
+    examples = policy_lib.conversation_examples(tiny, policy_lib.read_chats(data))
+    with torch.no_grad():  # the transcripts' replies are likelier after than before
+        assert policy_lib.sft_loss(tuned, examples) < 0.7 * policy_lib.sft_loss(tiny, examples)
+    with pytest.raises(SystemExit):
+        policy_lib.main(["sft", "--data", str(tmp_path / "missing.jsonl"), "--out", str(out)])
+
+
 def test_sft_learns_a_transcript_file(tiny, tmp_path):
     data = nested.random_transcripts(tmp_path / "t.jsonl", n_per_game=4)
     rows = [json.loads(line) for line in open(data)]
@@ -896,6 +913,38 @@ def test_group_advantages_by_hand_and_zero_spread_groups_are_dropped():
     assert keep.tolist() == [True, False, False]
 
 
+def test_running_baseline_by_hand():
+    """Returns less the running mean of their role's returns; a new role starts from this step's
+    mean; the means then move a tenth of the way to this step's; every group is kept."""
+    returns = torch.tensor([[1.0, 0.0], [0.5, 0.5]])[..., None]  # 2 groups of 2, one part
+    baselines = {"ttt:first": [0.2]}
+    roles = ["ttt:first", "ttt:second", "ttt:first", "ttt:second"]
+    advantages, keep = grpo.running_advantages(returns, roles, baselines)
+    # first: 1.0 and 0.5 against 0.2; second (new): 0.0 and 0.5 against their mean 0.25
+    assert advantages.flatten().tolist() == pytest.approx([0.8, -0.25, 0.3, 0.25])
+    assert keep.tolist() == [True, True]
+    assert baselines == pytest.approx({"ttt:first": [0.9 * 0.2 + 0.1 * 0.75], "ttt:second": [0.25]})
+    assert grpo.role(games.make("spy").reset(3)) in ("spy:spy", "spy:civilian")
+
+
+def test_an_entropy_bonus_spreads_the_predictions_out(tiny):
+    learner = policy_lib.Policy(copy.deepcopy(tiny.model), tiny.tokenizer, "learner")
+    batch = _multi_turn(learner)
+    rows = [0, 1, 3]
+    t = _tensors(batch, rows)
+    entropy = lambda: float((policy_lib.token_logprobs(learner, t["ids"], t["mask"],
+                                                       with_entropy=True)[1] * t["mask"]).sum())
+    with torch.no_grad():
+        before = entropy()
+    optimizer = torch.optim.SGD(learner.model.parameters(), lr=1.0)
+    settings = argparse.Namespace(temperature=1.0, eps_low=0.2, eps_high=0.28, beta=0.0,
+                                  micro_batch_gb=4.0, entropy_coef=1.0)
+    episodes = [grpo.training_episode(batch, r, [0.0] * batch.turns(r)) for r in rows]
+    grpo.update(learner, None, optimizer, [episodes], float(t["mask"].sum()), grpo.Ranks(), settings)
+    with torch.no_grad():
+        assert entropy() > before + 0.01  # advantages 0: the bonus alone moved the weights
+
+
 def test_grpo_loss_matches_a_hand_computed_example():
     """Two sequences (A = +1, -2). Ratios: seq 0 = [1.5 (clipped above), 0.9, masked];
     seq 1 = [0.7 (clipped below), 1.1, 1.0]. k3 is non-zero on two tokens: logp_ref - logp = +ln 2 gives
@@ -945,7 +994,7 @@ def _update(learner, reference, optimizer, batch, rows, advantages, minibatches=
     episodes = {r: grpo.training_episode(batch, r, [advantages[r]] * len(batch.ids[r])) for r in rows}
     tokens = sum(sum(batch.sampled[r]) for r in rows)
     settings = argparse.Namespace(temperature=1.0, eps_low=0.2, eps_high=0.28, beta=beta,
-                                  micro_batch_gb=4.0)
+                                  micro_batch_gb=4.0, entropy_coef=0.0)
     return grpo.update(learner, reference, optimizer, [[episodes[r] for r in chunk] for chunk in plan],
                        tokens / len(plan), grpo.Ranks(), settings)
 
@@ -1025,6 +1074,30 @@ def test_bad_command_lines_exit_2_with_one_line_reason(argv, reason, capsys):
     assert reason in err and "\n" not in err
 
 
+def test_a_step_against_a_frozen_copy_of_the_learner_trains_the_learners_tokens_only(
+        warm, monkeypatch, tmp_path):
+    """--opponent self: TicTacToe's other seat is a language model too, a frozen copy of the learner
+    with conversations of its own; only the learner's reach the update, and their trained tokens are
+    exactly the learner's replies."""
+    args = grpo.parse_args(["--games", "tictactoe", "--opponent", "self", "--instances", "2",
+                            "--group-size", "2", "--max-new-tokens", "8", "--eval-games", "0",
+                            "--steps", "1", "--baseline", "running", "--run-dir", str(tmp_path)])
+    chats, seen, init = [], {}, policy_lib.ChatBatch.__init__
+    monkeypatch.setattr(policy_lib.ChatBatch, "__init__",
+                        lambda self, *a: chats.append(self) or init(self, *a))
+    monkeypatch.setattr(grpo, "update",
+                        lambda *a, **k: seen.update(episodes=[e for mb in a[3] for e in mb]) or {})
+    grpo.train(args)
+    learner, opponent = chats  # play's two conversations: the learner's and its opponent's
+    assert opponent.new_tokens > 0 and len(seen["episodes"]) == 4  # every group kept (running)
+    for e in seen["episodes"]:
+        row = next(r for r in range(learner.n) if learner.ids[r] is e["ids"])
+        replies = [m["content"] for m in learner.messages[row] if m["role"] == "assistant"]
+        trained = [t for t, s in zip(e["ids"], e["sampled"]) if s]
+        assert warm.decode(trained) == "".join(replies)
+        assert not any(e["ids"] is ids for ids in opponent.ids)
+
+
 def test_causal_credit_gives_each_sub_games_replies_that_parts_advantage(warm, monkeypatch, tmp_path):
     """One default (nested, causal) step: every learner reply's advantage is its group's normalised
     (1/3) sum_{j >= k} R_j for the sub-game k it was in, that sub-game read off the hand-over lines."""
@@ -1097,6 +1170,31 @@ def test_curves_per_arm_average_its_seeds_in_spans_of_learner_turns(tmp_path, mo
     assert curves["nested"]["matrix/win"] == pytest.approx([0.2, 0.3])
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert "nested (mean over runs" in evaluate.curves_text_and_png(runs, tmp_path / "curves.png")
+
+
+def test_bench_samples_every_token_it_times(warm, capsys):
+    """--bench: the warm start stops after a few tokens, yet every row samples max_new_tokens (its
+    stop tokens are set aside, then restored), in the rollout and in transformers' generate."""
+    stops = set(warm.stop_ids)
+    result = evaluate.bench(warm, instances=2, group_size=2, max_new_tokens=6)
+    assert warm.stop_ids == stops and result["new_tokens"] == 2 * 2 * 6
+    assert result["rollout_tokens_per_s"] > 0 and result["generate_tokens_per_s"] > 0
+    assert "rollout x" in capsys.readouterr().out
+
+
+def test_compare_scores_each_runs_checkpoint_and_the_start_by_arm(warm, tmp_path, capsys):
+    for seed in (0, 1):
+        run = tmp_path / f"mixed-seed{seed}"
+        policy_lib.save_atomic(warm.model, warm.tokenizer, run / "checkpoint")
+        (run / "config.json").write_text(json.dumps({"start_model": warm.name}))
+    evaluate.main(["--compare", str(tmp_path / "mixed-seed0"), str(tmp_path / "mixed-seed1"),
+                   "--games", "matrix", "--n", "6"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| start (before GRPO) | 1 |") and lines[3].startswith("| mixed | 2 |")
+    results = json.loads((tmp_path / "comparison.json").read_text())
+    # the same model three times: the same greedy games on both splits, no spread over seeds
+    assert results["mixed"][0] == results["mixed"][1] == results["start (before GRPO)"][0]
+    assert lines[3].count("± 0.0") == 2
 
 
 def test_wilson_interval_matches_known_values():
@@ -1412,7 +1510,11 @@ def _run(model, tmp_path, steps, extra=()):
 
 
 def test_training_run_logs_checkpoints_and_resumes_exactly(warm, tmp_path):
-    full = _run(warm, tmp_path / "full", 3)
+    """With the options that carry state from step to step: the warm-up's rate, the running
+    baselines (in the checkpoint, as JSON) and an entropy bonus."""
+    options = ["--warmup", "3", "--baseline", "running", "--entropy-coef", "0.01"]
+    full = _run(warm, tmp_path / "full", 3, options)
+    assert [m["lr"] for m in full] == pytest.approx([1e-4 / 3, 2e-4 / 3, 1e-4])
     assert [m["step"] for m in full] == [1, 2, 3]
     for key in ("reward", "reward_std", "frac_reward_zero_std", "completion_length", "tokens_per_s", "step_s"):
         assert key in full[0]
@@ -1422,8 +1524,11 @@ def test_training_run_logs_checkpoints_and_resumes_exactly(warm, tmp_path):
     transcripts = [json.loads(line) for line in open(tmp_path / "full" / "transcripts.jsonl")]
     assert transcripts and transcripts[0]["messages"][0]["role"] == "user"
     # Two steps, then a resumed third: the same metrics as the uninterrupted run (timings aside).
-    _run(warm, tmp_path / "split", 2)
-    split = _run(warm, tmp_path / "split", 3, ["--resume"])
+    _run(warm, tmp_path / "split", 2, options)
+    checkpoint = tmp_path / "split" / "checkpoint"
+    assert json.loads((checkpoint / "trainer.json").read_text())["totals"]["baselines"]
+    torch.load(checkpoint / "optimizer.pt", weights_only=True)  # tensors, no pickled objects
+    split = _run(warm, tmp_path / "split", 3, options + ["--resume"])
     timing = {"tokens_per_s", "step_s", "rollout_s", "reference_s", "old_s", "policy_s"}
     assert [{k: v for k, v in m.items() if k not in timing} for m in split] == \
            [{k: v for k, v in m.items() if k not in timing} for m in full]
@@ -1584,7 +1689,7 @@ def test_smollm2_in_bf16_trains_on_recomputed_old_logprobs_whose_ratio_is_exactl
     """SmolLM2 sampled from its bf16 weights: before any step the ratio is exactly 1 in both
     minibatches (the old log-probs from the training forward), and the sampling-time log-probs are
     close to the training ones: a small KL between them."""
-    assert policy_lib.auto_precision(smollm2.model) == "bf16" or not any(
+    assert policy_lib.auto_precision(smollm2.model)[0] == "bf16" or not any(
         getattr(torch.cpu, f"_is_{unit}_supported")() for unit in ("amx_tile", "avx512_bf16"))
     policy = policy_lib.Policy(smollm2.model, smollm2.tokenizer, "bf16", precision="bf16")
     batch = policy_lib.ChatBatch(policy, [(1, r) for r in range(4)])
