@@ -45,9 +45,8 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 def paired_difference(before: list[int], after: list[int], z: float = 1.959964):
-    """Mean of after - before over the same items, with the normal 95% interval of a paired mean:
-    only the items whose outcome changed add variance, so a one-point change can be seen on a few
-    hundred items."""
+    """Mean of after - before over the same items, with the 95% interval of a paired mean: only
+    items whose outcome changed add variance, so a few hundred items can show a small change."""
     d = [b - a for a, b in zip(before, after, strict=True)]
     mean = sum(d) / len(d)
     if len(d) < 2:
@@ -80,9 +79,8 @@ def play_games(policy, name: str, indices, split: str = "train", opponent: str =
 
 
 def summarize(name: str, played: list[dict]) -> dict:
-    """Win / draw / loss rates and invalid replies per turn, with 95% intervals, wins by role where
-    a game has roles (Spy: civilian or spy; TicTacToe: moving first or second), and which games were
-    won ("hits")."""
+    """Win / draw / loss rates and invalid replies per turn, with 95% intervals; wins by role where
+    a game has roles (Spy: civilian or spy; TicTacToe: first or second); which games were won."""
     n, turns = len(played), sum(p["turns"] for p in played)
     invalid = sum(p["invalid"] for p in played)
     row = {"n": n, "turns": turns, "invalid": invalid / max(1, turns),
@@ -263,8 +261,7 @@ def choice_logliks(policy, items: list[dict], batch_items: int = 8) -> list[list
 
 def benchmark_score(policy, items: list[dict]) -> dict:
     """Zero-shot multiple choice: the model picks the choice whose continuation is likeliest per
-    character (lm-eval's acc_norm, OLMES's per-char normalisation); `raw` picks by the total
-    log-likelihood."""
+    character (lm-eval's acc_norm, OLMES's normalisation); `raw`: by the total log-likelihood."""
     logliks = choice_logliks(policy, items)
     pick = lambda scores: max(range(len(scores)), key=scores.__getitem__)
     correct = [int(pick([s / len(c) for s, c in zip(ll, item["continuations"])]) == item["gold"])

@@ -32,8 +32,7 @@ ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 # training never plays an evaluation game, whatever the run's seed (a nested game keeps its parity
 # in its sub-games).
 def train_seed(run_seed: int, step: int, index: int) -> int:
-    """The seed of instance `index` of a training step (distinct for step < 1,000,003, index <
-    100,003)."""
+    """The seed of instance `index` of a training step (distinct for steps below 1,000,003)."""
     if run_seed < 0 or not 0 <= index < 100_003:
         raise ValueError("seeds and instance indices are non-negative, an index below 100,003")
     return 2 * ((run_seed * 1_000_003 + step) * 100_003 + index)
@@ -45,8 +44,7 @@ def eval_seed(i: int) -> int:
 
 
 def parse_answer(text) -> str | None:
-    """The inside of the last complete <answer>...</answer> in `text`, stripped; None if there is
-    none."""
+    """The inside of the last complete <answer>...</answer> in `text`, stripped, or None."""
     if not isinstance(text, str):
         return None
     end = text.rfind(ANSWER_CLOSE)
@@ -169,8 +167,7 @@ def pure_equilibria(A: np.ndarray, B: np.ndarray) -> list[tuple[int, int]]:
 
 
 def mixed_equilibria(A: np.ndarray, B: np.ndarray, tol: float = 1e-9) -> list[tuple]:
-    """Support enumeration over equal-size supports: each side's mix makes the other indifferent on
-    its support."""
+    """Support enumeration (equal sizes): each mix makes the other indifferent on its support."""
     def indifferent_mix(M: np.ndarray) -> np.ndarray | None:  # q with M q = v * 1, sum q = 1
         k = M.shape[1]
         lhs = np.block([[M, -np.ones((M.shape[0], 1))], [np.ones((1, k)), np.zeros((1, 1))]])
@@ -199,8 +196,7 @@ def mixed_equilibria(A: np.ndarray, B: np.ndarray, tol: float = 1e-9) -> list[tu
 
 
 def correct_actions(A, B, player: int) -> list[int]:
-    """0-based actions of `player` (1 or 2) that are correct answers (a selected Nash
-    equilibrium's).
+    """0-based actions of `player` (1 or 2) that are correct: a selected Nash equilibrium's.
 
     Pure equilibria exist: keep those with the highest joint payoff; every action the player takes
     in one of them is correct. Otherwise: the most probable action(s) of the player's mixed
@@ -215,8 +211,7 @@ def correct_actions(A, B, player: int) -> list[int]:
 
 
 def _each(A, B, cell: str, sep: str = "\n", by_column: bool = False) -> str:
-    """Render every cell with the format `cell` over i, j (1-based actions), a (P1's payoff), b
-    (P2's)."""
+    """Every cell in the format `cell` over i, j (1-based actions), a (P1's payoff), b (P2's)."""
     cells = [(i, j) for i in range(len(A)) for j in range(len(A[0]))]
     cells.sort(key=(lambda c: c[::-1]) if by_column else None)
     return sep.join(cell.format(i=i + 1, j=j + 1, a=A[i][j], b=B[i][j]) for i, j in cells)
@@ -251,8 +246,7 @@ MATRIX_TEMPLATES = {  # name -> render(A, B); the "test" ones are only seen on t
 
 
 class MatrixGame(Game):
-    """One-shot bimatrix game: the single seat is Player 1 or Player 2 and names an action
-    (1-based)."""
+    """One-shot bimatrix game: the one seat is Player 1 or 2 and names an action (1-based)."""
     name, num_seats = "matrix", 1
 
     def reset(self, seed):
@@ -308,8 +302,7 @@ LINES = [(0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4
 
 
 def winner(board: str) -> str | None:
-    """'X' or 'O' for three in a line, else None. A board is a 9-character string of 'X', 'O' and
-    '.'."""
+    """'X' or 'O' for three in a line, else None. A board is 9 characters of 'X', 'O' and '.'."""
     for a, b, c in LINES:
         if board[a] != "." and board[a] == board[b] == board[c]:
             return board[a]
@@ -318,8 +311,7 @@ def winner(board: str) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def minimax(board: str, mark: str) -> int:
-    """Value of `board` for `mark`, who is to move: >0 a forced win (sooner is larger), 0 a draw, <0
-    a loss."""
+    """Value of `board` for `mark`, to move: >0 a forced win (sooner: more), 0 a draw, <0 a loss."""
     other = "O" if mark == "X" else "X"
     if winner(board) == other:
         return -(1 + board.count("."))
@@ -523,8 +515,7 @@ PAIR_OF = {w: p for p in WORD_PAIRS for w in p["words"]}
 
 
 def pair_attributes(pair: dict) -> list[str]:
-    """Every attribute in a word pair's lexicon line: the shared ones, then the first word's, the
-    second's."""
+    """Every attribute in a word pair's lexicon line: shared, the first word's, the second's."""
     return pair["shared"] + [a for w in pair["words"] for a in pair[w]]
 
 
@@ -533,8 +524,7 @@ MAX_DESCRIPTION_WORDS = 12
 
 @functools.lru_cache(maxsize=4096)
 def _words_of(text: str) -> str:
-    """Lowercase words separated by single spaces, padded, so ' phrase ' finds whole words and
-    phrases."""
+    """Lowercase words, single spaces, padded: ' phrase ' finds whole words and phrases."""
     return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
 
 
@@ -550,8 +540,7 @@ def says_word(text: str, word: str) -> bool:
 
 
 class Spy(Game):
-    """Who's the Spy: 4 seats, 3 civilians share a word, the spy has its partner. Two rounds, one
-    vote."""
+    """Who's the Spy: 3 civilians share a word, the spy has its partner. Two rounds, one vote."""
     name, num_seats = "spy", 4
     ROUNDS = 2
     # The speaking order; phase ROUNDS votes.
@@ -612,8 +601,7 @@ class Spy(Game):
         self._advance(seat)
 
     def _said_since_last_turn(self, seat: int) -> list[str]:
-        """The descriptions given after this seat's previous turn (or since the start), in speaking
-        order."""
+        """The descriptions given since this seat's previous turn (or the start), in order."""
         now = self.TURNS.index((self.phase, seat))
         before = self.TURNS.index((self.phase - 1, seat)) + 1 if self.phase > 0 else 0
         return [f"{self._player(s)}: {self.descriptions[r][s]}" for r, s in self.TURNS[before:now]
@@ -637,8 +625,7 @@ class Spy(Game):
         return f"Vote for the spy (not yourself). Reply {answer('Player k')}, one of:\n{others}"
 
     def _evidence(self, seat: int, about: list[int]) -> dict[int, int]:
-        """For each seat in `about`: mentions of attributes only this seat's word has, minus only
-        the partner's."""
+        """Per seat in `about`: mentions of attributes of this seat's word only, less its pair's."""
         pair = PAIR_OF[self.words[seat]]
         own = pair[self.words[seat]]
         other = pair[[w for w in pair["words"] if w != self.words[seat]][0]]
@@ -651,8 +638,7 @@ class Spy(Game):
 
     def scripted_reply(self, seat):
         """Describe with own distinctive attributes until the others' words point to the partner
-        word; then, as a likely spy, blend in with shared ones. Vote for the least consistent
-        player."""
+        word, then, as a likely spy, blend in with shared ones; vote for the least consistent."""
         others = [s for s in range(4) if s != seat and not self.forfeited[s]]
         evidence = self._evidence(seat, others)
         think_spy = sum(evidence.values()) < 0
@@ -681,9 +667,8 @@ class Spy(Game):
 
     @staticmethod
     def _vote_order(seat: int) -> list[int]:
-        """The seats one may vote for, in turn order after `seat`: the list always ends with the
-        seat just before the voter's, so which number is missing can be read from the end of the
-        prompt."""
+        """The seats one may vote for, in turn order after `seat`: the list ends with the seat just
+        before the voter's, so the missing number can be read from the end of the prompt."""
         return [(seat + d) % 4 for d in (1, 2, 3)]
 
     def random_replies(self, seat):
@@ -704,8 +689,7 @@ CHOICES = ([TicTacToe._cell(i) for i in range(9)] + [Spy._player(s) for s in ran
 
 
 def game_names(text: str) -> list[str]:
-    """'matrix, spy' -> ['matrix', 'spy'], the command lines' --games; ValueError on an unknown
-    name."""
+    """'matrix, spy' -> ['matrix', 'spy'] (--games); ValueError on an unknown name."""
     names = [g.strip() for g in text.split(",") if g.strip()]
     for name in names or [text]:
         if name not in GAMES:
@@ -735,8 +719,7 @@ def play_scripted(game: Game, players) -> Game:
 
 
 def main():
-    """`python games.py [SEED]`: one game of each, scripted players in every seat, the learner's
-    prompts shown."""
+    """`python games.py [SEED]`: one game of each, scripted players, the learner's prompts shown."""
     seed = int(sys.argv[1]) if sys.argv[1:] else 0
     for name in GAMES:
         game = make(name).reset(seed)

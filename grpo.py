@@ -96,10 +96,9 @@ def role(episode: games.Game) -> str:
 
 def grpo_loss(logp, logp_old, logp_ref, advantages, mask, eps_low=0.2, eps_high=0.28, beta=0.04,
               normalizer=None):
-    """The clipped GRPO objective with a k3 KL penalty. Tensors are [sequences, tokens]
-    (`advantages` may be [sequences]); `mask` is 1 on the learner's sampled tokens. The sum over
-    tokens is divided by `normalizer` (default: this batch's learner tokens). Returns the loss and
-    per-token diagnostics."""
+    """The clipped GRPO objective with a k3 KL penalty, and per-token diagnostics. Tensors are
+    [sequences, tokens] (`advantages` may be [sequences]); `mask` is 1 on the learner's sampled
+    tokens; the sum over tokens is divided by `normalizer` (default: the batch's learner tokens)."""
     ratio = torch.exp(logp - logp_old)
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
@@ -539,9 +538,8 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------- several processes (torchrun)
 class Ranks:
-    """This process's place among the processes `torchrun` started (from its environment variables),
-    and the few collective operations the step needs. Without torchrun: one process; each is a
-    no-op."""
+    """This process's place among those `torchrun` started (its environment variables say), and the
+    few collective operations the step needs; without torchrun: one process, each a no-op."""
 
     def __init__(self, timeout_s: float = 1800):
         self.world = int(os.environ.get("WORLD_SIZE", 1))

@@ -178,9 +178,8 @@ def results(episode: games.Game) -> list[tuple[str, str, int]]:
 
 def credit(episode: games.Game, causal: bool) -> tuple[list[int] | None, list[float]]:
     """What each learner reply of a finished episode is credited with: the part (sub-game) of each
-    reply (None: all are part 0) and each part's return; part 0's is the learner's return. Causal
-    credit of a nested episode: sub-game k's return-to-go (returns_to_go), its part 0 the mean, the
-    return."""
+    reply (None: all part 0) and each part's return, part 0's the learner's return. Causal credit
+    of a nested episode: sub-game k's return-to-go (returns_to_go); part 0's is the mean."""
     if causal and isinstance(episode, NestedGame):
         return list(episode.learner_turns), episode.returns_to_go()
     return None, [episode.rewards[episode.learner_seat]]

@@ -183,8 +183,7 @@ def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ generation
 def pad(seqs: list[list[int]], pad_id: int, left: bool = False, starts: list[int] | None = None):
     """Token lists as one [n, width] batch: ids, a 0/1 mask of the real tokens and their positions
-    (row i's first token at starts[i], default 0); padding on the right, or on the left so every row
-    ends together."""
+    (row i's first at starts[i], default 0); right-padded, or left-padded to end together."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -206,9 +205,8 @@ def stream(key) -> random.Random:
 
 
 def sample(logits: torch.Tensor, temperature: float, uniforms: list[float]):
-    """One token per row of `logits` with its log-prob at `temperature`: the first token whose
-    cumulative probability passes the row's uniform draw (one pass over the vocabulary), or the
-    likeliest at 0."""
+    """One token per row of `logits` and its log-prob at `temperature` (0: the likeliest): the first
+    token whose cumulative probability passes the row's uniform draw: one pass on the vocabulary."""
     logp = torch.log_softmax(logits.float() / (temperature or 1.0), -1)
     if temperature > 0:
         cumulative = logp.exp().cumsum(-1)
@@ -222,8 +220,7 @@ def sample(logits: torch.Tensor, temperature: float, uniforms: list[float]):
 
 def last_logits(model, **inputs) -> torch.Tensor:
     """Each row's logits at its last position: the decoder, then the head on those states alone (the
-    forward's logits_to_keep=1 hands the head a strided view, and it then copies the head's weights
-    once per row)."""
+    forward's logits_to_keep=1 hands the head a strided view: it copies its weights once a row)."""
     hidden = model.get_decoder()(**inputs, use_cache=True).last_hidden_state[:, -1]
     return final_logits(model, hidden)
 
@@ -463,9 +460,8 @@ def build_tiny_tokenizer(corpus: list[str]):
 
 def game_corpus(n_per_game: int = 300) -> list[str]:
     """Text of random-legal play, cut at the answer tags (added tokens): what the tiny tokenizer
-    learns its merges from. Each turn adds every reply random play could have given there, so that a
-    word right after <answer> (no space before it) gets merges of its own, not only the spaced form
-    prompts have."""
+    learns its merges from. Each turn adds every reply random play could give there, so that a word
+    right after <answer> (no space before it) gets merges of its own, not only its spaced form."""
     tags = re.compile(f"{re.escape(games.ANSWER_OPEN)}|{re.escape(games.ANSWER_CLOSE)}")
     texts = []
     for name in games.GAMES:
@@ -490,9 +486,8 @@ def build_tiny(path: Path, seed: int = 0) -> Path:
 
 
 def save_atomic(model, tokenizer, path: Path, extra: dict | None = None):
-    """save_pretrained into a temporary folder, then rename: a kill never leaves a half-written
-    model. `extra`: more files, {name: object}, as JSON where the name ends in .json, else
-    torch.save's."""
+    """save_pretrained into a temporary folder, then rename: a kill never leaves half a model.
+    `extra`: more files, {name: object}, JSON for a name ending in .json, else torch.save."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -525,15 +520,13 @@ def exit_missing(line: str):
 
 
 def cache_key(*parts) -> str:
-    """A short name for what was built from `parts` (recipes, seeds): a cached build is reused only
-    as is."""
+    """A short name for what was built from `parts` (recipes, seeds): reused on an exact match."""
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct as a plain Hugging Face folder (float32 safetensors, its tokenizer and
-    ChatML template), converted once from the installed package's GGUF file and cached under
-    .cache/."""
+    ChatML template), converted once from the package's GGUF file and cached under .cache/."""
     path = CACHE_DIR / "smollm2-135m-instruct"
     if (path / "config.json").exists():
         return path
@@ -563,8 +556,7 @@ def smollm2() -> Path:
 
 def model_path(name_or_path: str) -> str:
     """A model's folder: 'tiny' the warm-started tiny model, 'smollm2' SmolLM2-135M-Instruct as
-    shipped, 'smollm2-sft' after its format SFT (each built and cached on first use); else the path
-    itself."""
+    shipped, 'smollm2-sft' after its format SFT (each built, cached on first use); else itself."""
     named = {"tiny": sft_start, "smollm2": smollm2, "smollm2-sft": lambda: sft_start("smollm2")}
     return str(named[name_or_path]()) if name_or_path in named else name_or_path
 
@@ -572,8 +564,7 @@ def model_path(name_or_path: str) -> str:
 def load_policy(name_or_path: str = "tiny", device: str = "auto", precision: str = "auto",
                 thinking: bool = False, trust_remote_code: bool = False) -> Policy:
     """A model by name (see model_path) or a local folder (or an already-cached Hub model), loaded
-    with AutoModelForCausalLM / AutoTokenizer. The weights are float32 whatever `precision`
-    (auto_precision)."""
+    with AutoModelForCausalLM / AutoTokenizer. Its weights are float32 whatever the precision."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -617,9 +608,8 @@ def auto_precision(model) -> tuple[str, str]:
 
 
 def check_logits(policy: Policy):
-    """Training log-probs apply Policy.logits to decoder states; sampling uses the model's forward.
-    Both must give the same logits, or the GRPO ratio is not 1 at the first step: check it on a few
-    tokens."""
+    """Training log-probs apply final_logits to decoder states, the forward's own head may differ:
+    check on a few tokens that they agree, or the GRPO ratio would not start at 1."""
     text = "A check of the final logits."
     ids = policy.tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([ids], device=policy.device)
@@ -638,8 +628,7 @@ def encode_conversation(policy: Policy, messages: list[dict], choices: list | No
     """A conversation's token ids and the 0/1 mask of the learner's trained tokens, built turn by
     turn as rollouts build them, and {position: {token: share}} (branch_targets) for the assistant
     turns whose legal replies `choices` lists (one list or None per turn). Assistant turns are
-    `replies[k]` (sampled ids) where given, else their text tokenized and closed by the end-of-turn
-    token (SFT)."""
+    `replies[k]` (sampled ids) where given, else their text, tokenized and closed (SFT)."""
     ids, mask, branches = [], [], {}
     legal_lists, sampled = iter(choices or []), iter(replies or [])
     for m in messages:
@@ -666,8 +655,7 @@ def encode_conversation(policy: Policy, messages: list[dict], choices: list | No
 def branch_targets(reply: list[int], legal: list[list[int]]) -> dict[int, dict[int, float]]:
     """Where a uniformly random legal reply could have gone another way: at each token of `reply`
     where the legal replies agreeing with it so far continue differently, the share taking each
-    token. Training on these shares is the exact expectation of random-legal play there, at the cost
-    of one reply."""
+    token: trained on, the exact expectation of random-legal play, for one reply's cost."""
     branches, agreeing = {}, legal
     for t, token in enumerate(reply):
         nexts = [r[t] for r in agreeing if len(r) > t]
@@ -682,8 +670,7 @@ def read_chats(path: Path) -> list[dict]:
 
 
 def conversation_examples(policy: Policy, rows: list[dict]) -> list:
-    """(ids, mask, branches) of every conversation, with branch targets where meta["choices"] lists
-    the legal replies."""
+    """(ids, mask, branches) of every conversation; branches where meta["choices"] lists replies."""
     return [encode_conversation(policy, r["messages"], r.get("meta", {}).get("choices"))
             for r in rows]
 
@@ -691,8 +678,7 @@ def conversation_examples(policy: Policy, rows: list[dict]) -> list:
 def drill_examples(policy: Policy, rows: list[dict], max_choices: int = 4,
                    free: bool = False) -> list:
     """Single-turn examples (ids, mask, branches) of the learner turns with at most `max_choices`
-    legal replies listed (meta["choices"]); free=True: the free-text turns instead (Spy's
-    descriptions, meta["free"])."""
+    legal replies listed (meta["choices"]); free=True: the free-text turns (meta["free"])."""
     examples = []
     for r in rows:
         meta = r.get("meta", {})
@@ -868,9 +854,8 @@ class GrowingLayer(DynamicLayer):
 
 
 def first_turn_once(model, ids, mask, pos, cache) -> torch.Tensor:
-    """ChatBatch's first forward with each distinct row run once: a GRPO group's G episodes open
-    with one prompt. The cache then copies its keys and values to every row; returns every row's
-    last logits."""
+    """ChatBatch's first forward with each distinct row run once (a GRPO group's G episodes open
+    with one prompt), its keys and values then copied to every row; every row's last logits."""
     dev = model.device
     distinct, row_of = torch.unique(torch.cat([ids, mask], 1), dim=0, return_inverse=True)
     first = [row_of.tolist().index(k) for k in range(len(distinct))]  # a row of each distinct turn

@@ -604,7 +604,7 @@ def test_the_sft_command_fine_tunes_a_model_on_a_transcript_file(tiny, tmp_path,
     data = nested.random_transcripts(tmp_path / "t.jsonl", n_per_game=2)
     out = tmp_path / "tuned"
     policy_lib.main(["sft", "--model", tiny.name, "--data", str(data), "--out", str(out),
-                     "--epochs", "4", "--lr", "3e-3"])
+                     "--epochs", "6", "--batch-size", "2", "--lr", "3e-3"])
     assert "steps, last loss" in capsys.readouterr().out
     tuned = policy_lib.load_policy(str(out), device="cpu")
     examples = policy_lib.conversation_examples(tiny, policy_lib.read_chats(data))
