@@ -329,7 +329,7 @@ def setup(args, ranks):
     load = lambda path: policy_lib.load_policy(path, device, args.precision, args.thinking)
     learner = load(str(checkpoint) if args.resume else args.start_model)
     if args.grad_checkpointing:
-        learner.model.gradient_checkpointing_enable()
+        checkpoint_activations(learner.model)
     if args.train_layers:
         train_top_layers(learner.model, args.train_layers)
     if ranks.main:
@@ -356,6 +356,11 @@ def setup(args, ranks):
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         (args.run_dir / "config.json").write_text(json.dumps(config, indent=1))
     return learner, reference, opponent, optimizer, step, totals
+
+
+def checkpoint_activations(model):
+    """Recompute activations in backward (transformers 5.2x renamed gradient checkpointing)."""
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
 
 
 def train_top_layers(model, n: int):

@@ -889,7 +889,7 @@ def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients(tiny):
     for checkpointing in (False, True):
         model = copy.deepcopy(tiny.model).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            grpo.checkpoint_activations(model)
         policy = policy_lib.Policy(model, tiny.tokenizer, "ckpt")
         logp = policy_lib.token_logprobs(policy, t["ids"], t["mask"])
         (logp * t["mask"]).sum().backward()
@@ -923,7 +923,8 @@ def test_running_baseline_by_hand():
     # first: 1.0 and 0.5 against 0.2; second (new): 0.0 and 0.5 against their mean 0.25
     assert advantages.flatten().tolist() == pytest.approx([0.8, -0.25, 0.3, 0.25])
     assert keep.tolist() == [True, True]
-    assert baselines == pytest.approx({"ttt:first": [0.9 * 0.2 + 0.1 * 0.75], "ttt:second": [0.25]})
+    assert set(baselines) == {"ttt:first", "ttt:second"} and baselines["ttt:second"] == [0.25]
+    assert baselines["ttt:first"] == pytest.approx([0.9 * 0.2 + 0.1 * 0.75])
     assert grpo.role(games.make("spy").reset(3)) in ("spy:spy", "spy:civilian")
 
 
