@@ -3,7 +3,7 @@
     game = make(name, split="train"|"test", **options).reset(seed)  # same seed: the same game
     game.num_seats, game.to_move (None once over), game.learner_seat
     game.prompt(seat) -> str        # what that seat sees now (after an invalid reply: why, and how)
-    game.step(seat, reply) -> bool  # False for an invalid reply; the state is then unchanged
+    game.step(seat, reply) -> bool  # False for an invalid reply; the position is then unchanged
     game.done, game.rewards         # one float per seat, final once done
 
 A reply carries its move inside <answer>...</answer>. An invalid reply costs its seat

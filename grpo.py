@@ -88,7 +88,7 @@ def running_advantages(returns: torch.Tensor, roles: list[str], baselines: dict,
 
 def role(episode: games.Game) -> str:
     """The learner's role in an episode, for --baseline running: the game and the learner's seat
-    (TicTacToe: first or second; Spy: civilian or spy; Matrix: Player 1 or 2)."""
+    (TicTacToe: first or second; Spy: civilian or spy; Matrix: Player 1 or 2; nested: one role)."""
     seat = episode.learner_seat
     detail = getattr(episode, "roles", [getattr(episode, "role", "")] * episode.num_seats)[seat]
     return f"{episode.name}:{detail}"
@@ -417,7 +417,8 @@ def train(args, ranks=None):
                initial=totals[unit] if unit else first_step, desc=f"GRPO ({args.mode})",
                disable=not ranks.main)
     for step in range(first_step, args.steps):
-        if args.opponent == "self" and step % args.self_refresh == 0:
+        # The frozen copy is refreshed every K steps, and at once when a run resumes.
+        if args.opponent == "self" and (step % args.self_refresh == 0 or step == first_step):
             opponent.model.load_state_dict(learner.model.state_dict())
         for group in optimizer.param_groups:  # a linear warm-up of the learning rate
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))

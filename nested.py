@@ -79,8 +79,8 @@ class NestedGame(games.Game):
     def returns_to_go(self) -> list[float]:
         """Sub-game k's share of the mean return from k on: (1/K) sum_{j >= k} R_j. A reply in
         sub-game k cannot change a sub-game already over, so crediting it with these instead of the
-        whole return drops terms whose expected gradient is zero (causality) and keeps the mean's
-        objective. The min does not split by sub-game."""
+        whole return drops terms whose expected gradient is zero (causality); normalised per part
+        in its group (grpo.py), each part weighs alike. The min does not split by sub-game."""
         if self.reward_rule != "mean":
             raise ValueError(f"causal credit needs the mean nested reward, not "
                              f"{self.reward_rule!r}")

@@ -10,7 +10,7 @@ Training sequences are built from exact token ids: each user turn is the chunk t
 template inserts for it (Policy.user_turn_ids), each assistant turn the sampled ids, closed by the
 end-of-turn token. Precision: bf16 products where the hardware runs them faster, over float32
 weights; the rollout samples from a bf16 copy of the weights. In float32, log pi(token) at training
-time equals the log-prob recorded while sampling; in bf16 the two differ slightly, so the trainer
+time matches the log-prob recorded while sampling (to rounding); in bf16 they differ, so the trainer
 recomputes the old log-probs (grpo.update). Reading order: Policy, ChatBatch and play (the
 rollout), token_logprobs, loading, SFT and the warm start; speed-ups come last.
 """
@@ -350,7 +350,7 @@ def play(learner: Policy, episodes: list, keys: list, temperature: float = 1.0,
     Policy, whose conversation as seat s of episode i is its row i * seats + s) or, without one, by
     the games' scripted players."""
     learner_chats = ChatBatch(learner, keys)
-    seats = max(g.num_seats for g in episodes)
+    seats = max((g.num_seats for g in episodes), default=1)
     opponent_chats = None
     if opponent is not None:
         opponent_keys = [(key, "seat", s) for key in keys for s in range(seats)]
