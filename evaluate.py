@@ -305,9 +305,9 @@ def compare_runs(run_dirs: list[Path], names, n: int, start: str | None) -> tupl
 
 
 def arm_curves(run_dirs: list[Path], bins: int | None = None) -> dict[str, dict[str, list]]:
-    """Per arm (one run is an arm of its own), the mean over its runs of the reward, KL, entropy and
-    each game's win rate (at the rollout temperature, as trained) in `bins` equal spans of learner
-    turns (default: 20, or half the shortest run's steps); "turns" holds each span's end."""
+    """Per arm (runs differing by seed), the mean over its runs of the reward, KL, entropy, groups
+    without spread and each game's win rate (as trained) in `bins` equal spans of learner turns
+    (default: 20, or half the shortest run's steps); "turns" holds each span's end."""
     curves = {}
     for arm in dict.fromkeys(arm_of(d) for d in run_dirs):
         runs = [[json.loads(line) for line in open(Path(d) / "metrics.jsonl") if line.strip()]

@@ -182,9 +182,8 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
 
 
 def summary(episode: games.Game, batch, row: int, causal: bool) -> dict:
-    """What the step needs of a played episode, row `row` of the learner's ChatBatch (small enough
-    to send between ranks): its returns by part and the part of each reply (nested.credit), its
-    learner tokens, sequence length, turns and results."""
+    """What the step needs of a played episode, row `row` of the learner's ChatBatch, small enough
+    to send between ranks: returns by part, each reply's part (nested.credit), sizes, results."""
     parts, returns = nested.credit(episode, causal)
     turns = batch.turns(row)
     return {"returns": returns, "parts": parts or [0] * turns, "tokens": sum(batch.sampled[row]),
@@ -204,8 +203,8 @@ def training_episode(batch, row: int, reply_advantages: list[float]) -> dict:
 
 
 def plan_minibatches(lengths: dict[int, int], n: int, seed: str) -> list[list[int]]:
-    """The kept episodes (episode -> sequence length) in n minibatches of similar lengths, which
-    waste little compute on padding; their order shuffled by `seed`."""
+    """The kept episodes (episode -> sequence length) in n minibatches of similar lengths (little
+    padding), in an order shuffled by `seed`."""
     by_length = sorted(lengths, key=lambda e: (lengths[e], e))
     chunks = [[int(e) for e in chunk] for chunk in np.array_split(by_length, n) if len(chunk)]
     return random.Random(seed).sample(chunks, len(chunks))
@@ -464,13 +463,13 @@ def parse_args(argv=None):
         help="how a nested episode's return combines its sub-games' (mean is GIFT's)")
     add("--credit", default=None, choices=["episode", "causal"], help="a nested episode's replies "
         "get the whole return, or (causal, the default with the mean) their sub-game's part on")
-    add("--opponent", default="random", help="other seats: random | expert | eps:P | eps:P-Q "
-        "(TicTacToe's scripted player, random with probability P, or P drawn per instance from "
-        "P-Q; Spy's are always scripted), self (a frozen copy of the learner) or model:PATH")
+    add("--opponent", default="random", help="other seats: TicTacToe's scripted player, random | "
+        "expert | eps:P (random with probability P) | eps:P-Q (P drawn per game), or self (a "
+        "frozen copy of the learner) | model:PATH (Spy's scripted players stay)")
     add("--self-refresh", type=int, default=10, help="with --opponent self: refresh every K steps")
     # How much
-    add("--steps", type=int, default=None, help="GRPO steps; default 250 (the default run, install "
-        "and warm start included, within 15 minutes on a 2-core CPU), or as many as a budget takes")
+    add("--steps", type=int, default=None,
+        help="GRPO steps (default: 250, or as many as --budget-turns takes)")
     add("--budget-turns", type=int, default=0,
         help="stop once the learner has played this many turns (0: run all --steps)")
     add("--instances", type=int, default=4, help="B: game instances (seeds) per step")

@@ -427,11 +427,9 @@ def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 
 def micro_batch_tokens(config, gigabytes: float) -> int:
-    """Padded tokens per forward and backward whose saved activations come to about `gigabytes`: per
+    """Padded tokens per forward and backward whose saved activations take about `gigabytes`: per
     token and layer ~6 hidden-size and 4 intermediate-size values and a 1,024-position row of
-    attention weights per head, 4 bytes each (SmolLM2: ~2.3 MB per token, ~1.5 MB measured in bf16;
-    the tiny model ~50 kB, so its steps never split)."""
-    # GPT-2 calls it n_inner
+    attention weights per head, 4 bytes each (SmolLM2: 2.3 MB, 1.5 MB measured in bf16)."""
     intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
     per_token = 4 * config.num_hidden_layers * (6 * config.hidden_size + 4 * intermediate
                                                 + 1024 * config.num_attention_heads)
@@ -710,12 +708,11 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
         seed: int = 0, decay: float = 0.0, desc: str = "SFT", warmup: int = 20,
         micro_batch_gb: float = 4.0) -> list[float]:
     """Supervised fine-tuning on (ids, learner mask, branches) examples (encode_conversation): the
-    mean of sft_loss over the learner's tokens of a batch, its activations in pieces of about
-    `micro_batch_gb`. The rate warms up over `warmup` steps, stays, then falls linearly to 0 over
-    the last `decay` fraction of the steps. Returns the loss per step."""
+    mean of sft_loss over a batch's learner tokens, in pieces of about `micro_batch_gb`. The rate
+    warms up over `warmup` steps, then falls linearly to 0 over the last `decay` fraction. Returns
+    the loss per step."""
     # Every epoch: shuffle, then sort each run of 8 batches' worth by length and cut it into
-    # batches: little padding, and each batch still mixes games (one kind of example a batch pulls
-    # the model around).
+    # batches: little padding, and each batch still mixes games (one kind a batch pulls the model).
     rng, plan = random.Random(seed), []
     for _ in range(math.ceil(epochs)):
         order = rng.sample(range(len(examples)), len(examples))
@@ -751,13 +748,12 @@ def sft(policy: Policy, examples: list, epochs: float = 1.0, batch_size: int = 1
 
 
 # SFT on random-legal play starts GRPO from a model that follows the answer format: whole
-# transcripts (`transcripts` games of each game and `nested` nested episodes, as GRPO plays them)
-# and drills, single learner turns with at most `drill_choices` listed replies, from the transcripts
-# or from `drill_games` more games of each game (a `mistakes` share of them after an invalid reply,
-# so that retries are seen). With `drill_shares`, each kind (a game's turns; Spy's descriptions as
-# "free text") in its proportion of the scarcest kind. `steps` of SFT (0: one pass), the rate
-# falling to 0 over the last `decay` fraction. Wherever the legal replies are listed, the targets
-# are their shares (branch_targets): the format and the rules, no strategy.
+# transcripts (`transcripts` games of each game, `nested` nested episodes) and drills, single
+# learner turns with at most `drill_choices` listed replies, from the transcripts or from
+# `drill_games` more games of each (a `mistakes` share after an invalid reply, so that retries are
+# seen); with `drill_shares`, each kind (a game's turns; Spy's descriptions: "free text") in its
+# proportion of the scarcest. `steps` of SFT (0: one pass). Where legal replies are listed, the
+# targets are their shares (branch_targets): the format and the rules, no strategy.
 RECIPES = {
     # The tiny model starts random. Why drills: with most of the 9 cells free, copying a listed cell
     # gains little over guessing any cell, and a random-init model trained on whole games alone
@@ -768,8 +764,7 @@ RECIPES = {
                  steps=1350, batch_size=32, lr=1e-3, warmup=20, decay=0.25,
                  drill_shares={"matrix": 0.25, "tictactoe": 1.0, "spy": 0.5, "free text": 1.0}),
     # A chat model knows words and numbers, not the format (SmolLM2 as shipped: every reply
-    # invalid): one pass, every turn with listed choices once more alone, as legality is most of the
-    # format.
+    # invalid): one pass, every turn with listed choices once more alone (legality is most of it).
     "chat": dict(transcripts=24, nested=8, drill_games=0, drill_choices=len(games.CHOICES),
                  mistakes=0.0, steps=0, drill_shares=None, batch_size=8, lr=2e-4, warmup=2,
                  decay=0.5),
