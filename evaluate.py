@@ -392,17 +392,15 @@ def bench(policy: Policy, instances: int = 4, group_size: int = 8,
     theirs = time.time() - start
     new = batch.new_tokens
     distinct = sum(map(len, set(map(tuple, prompt_ids))))  # the rollout runs a group's prompt once
-    seconds = lambda tokens: forward_flops(policy, tokens, batch.n + new) / rate / 1e9
-    result = {"matmul_gflops": rate, "new_tokens": new, "rollout_tokens_per_s": new / ours,
-              "rollout_s": ours, "generate_tokens_per_s": new / theirs, "generate_s": theirs,
-              "rollout_flop_bound_s": seconds(distinct + new),
-              "generate_flop_bound_s": seconds(ids.numel() + new)}
     print(f"{policy.precision} matrix products: {rate:.0f} GFLOP/s; first Matrix turn, "
           f"{instances} x {group_size} episodes, {max_new_tokens} new tokens each:")
-    print(f"  rollout (ChatBatch):   {new / ours:7.1f} new tokens/s, {ours:6.2f} s, "
-          f"{result['rollout_flop_bound_s']:.2f} s of products")
-    print(f"  transformers generate: {new / theirs:7.1f} new tokens/s, {theirs:6.2f} s, "
-          f"{result['generate_flop_bound_s']:.2f} s of products; rollout x{theirs / ours:.1f}")
+    result = {"matmul_gflops": rate, "new_tokens": new}
+    for name, s, fed in (("rollout", ours, distinct), ("generate", theirs, ids.numel())):
+        bound = forward_flops(policy, fed + new, batch.n + new) / rate / 1e9
+        result.update({f"{name}_tokens_per_s": new / s, f"{name}_s": s,
+                       f"{name}_flop_bound_s": bound})
+        print(f"  {name:>8}: {new / s:7.1f} new tokens/s, {s:6.2f} s, {bound:.2f} s of products")
+    print(f"  rollout x{theirs / ours:.1f} transformers' generate")
     return result
 
 

@@ -87,8 +87,8 @@ def running_advantages(returns: torch.Tensor, roles: list[str], baselines: dict,
 
 
 def role(episode: games.Game) -> str:
-    """The learner's role in an episode, for --baseline running: the game and the learner's seat
-    (TicTacToe: first or second; Spy: civilian or spy; Matrix: Player 1 or 2; nested: one role)."""
+    """The learner's role, for --baseline running: the game and the seat's role (TicTacToe: first
+    or second; Spy: civilian or spy; nested: one role)."""
     seat = episode.learner_seat
     detail = getattr(episode, "roles", [getattr(episode, "role", "")] * episode.num_seats)[seat]
     return f"{episode.name}:{detail}"
@@ -363,8 +363,7 @@ def checkpoint_activations(model):
 
 
 def train_top_layers(model, n: int):
-    """Freeze every weight but the top `n` decoder layers and the final norm: backward stops there.
-    """
+    """Freeze all but the top `n` decoder layers and the final norm: backward stops there."""
     layers = model.get_decoder().layers
     if not 0 < n <= len(layers):
         raise SystemExit(f"grpo.py: --train-layers must be in 1..{len(layers)} for this model, "
@@ -376,8 +375,7 @@ def train_top_layers(model, n: int):
 
 
 def keep_lines_up_to(path: Path, step: int, step_of):
-    """After a crash the logs may run past the last checkpoint: drop the steps that will be redone.
-    """
+    """After a crash the logs may run past the last checkpoint: drop the steps to be redone."""
     if path.exists():
         lines = [line for line in path.read_text().splitlines()
                  if line.strip() and step_of(json.loads(line)) <= step]

