@@ -462,8 +462,8 @@ def parse_args(argv=None):
     add("--credit", default=None, choices=["episode", "causal"], help="a nested episode's replies "
         "get the whole return, or (causal, the default with the mean) their sub-game's part on")
     add("--opponent", default="random", help="other seats: TicTacToe's scripted player, random | "
-        "expert | eps:P (random with probability P) | eps:P-Q (P drawn per game), or self (a "
-        "frozen copy of the learner) | model:PATH (Spy's scripted players stay)")
+        "expert | eps:P (random with probability P) | eps:P-Q (P drawn per game); or self (a "
+        "frozen copy of the learner) | model:PATH, which play every other seat of every game")
     add("--self-refresh", type=int, default=10, help="with --opponent self: refresh every K steps")
     # How much
     add("--steps", type=int, default=None,
