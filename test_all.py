@@ -977,7 +977,7 @@ def test_each_distinct_first_turn_is_computed_once_and_samples_the_same(tiny, mo
     assert np.allclose(sum(shared.logprobs, []), sum(plain.logprobs, []), atol=1e-5)
 
 
-def test_final_logit_processing_is_applied_and_checked(families):
+def test_final_logit_processing_is_applied_and_checked(families, monkeypatch):
     """Gemma-2 softcaps its logits and Cohere scales them: training log-probs must do the same."""
     import transformers
 
@@ -999,11 +999,11 @@ def test_final_logit_processing_is_applied_and_checked(families):
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config).eval()
         policy = policy_lib.Policy(model, tok, config.model_type)
-        policy_lib.check_logits(policy)  # the forward and Policy.logits agree
-        plain = lambda hidden: model.get_output_embeddings()(hidden)
-        policy.logits = plain
-        with pytest.raises(SystemExit, match="final logits"):
-            policy_lib.check_logits(policy)
+        policy_lib.check_logits(policy)  # the forward and final_logits agree
+        with monkeypatch.context() as patch:  # a final_logits that knows no processing
+            patch.setattr(policy_lib, "final_logits", lambda m, hidden: m.lm_head(hidden))
+            with pytest.raises(SystemExit, match="final logits"):
+                policy_lib.check_logits(policy)
 
 
 def test_bf16_compute_keeps_float32_master_weights_and_small_updates(families):
