@@ -977,21 +977,17 @@ def test_each_distinct_first_turn_is_computed_once_and_samples_the_same(tiny, mo
     assert np.allclose(sum(shared.logprobs, []), sum(plain.logprobs, []), atol=1e-5)
 
 
+# The shape of the small random models the chat-template and final-logit tests build.
+SMALL_DIMS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=16)
+
+
 def test_final_logit_processing_is_applied_and_checked(families, monkeypatch):
     """Gemma-2 softcaps its logits and Cohere scales them: training log-probs must do the same."""
     import transformers
 
     tok = families["qwen2"].tokenizer
-    small = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        pad_token_id=tok.pad_token_id,
-    )
+    small = dict(vocab_size=len(tok), **SMALL_DIMS, pad_token_id=tok.pad_token_id)
     for config in (
         transformers.Gemma2Config(final_logit_softcapping=0.5, **small),
         transformers.CohereConfig(logit_scale=3.0, **small),
@@ -1757,12 +1753,7 @@ def families(tmp_path_factory):
         hf.chat_template = template
         config = getattr(transformers, config_class)(
             vocab_size=len(hf),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
+            **SMALL_DIMS,
             max_position_embeddings=1024,
             pad_token_id=hf.pad_token_id,
             eos_token_id=hf.eos_token_id,
