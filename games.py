@@ -29,8 +29,7 @@ ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
 
 # One seed scheme: training instances have even seeds and evaluation games odd ones, so that
-# training never plays an evaluation game, whatever the run's seed (a nested game keeps its parity
-# in its sub-games).
+# training never plays an evaluation game, whatever the run's seed.
 def train_seed(run_seed: int, step: int, index: int) -> int:
     """The seed of instance `index` of a training step (distinct for steps below 1,000,003)."""
     if run_seed < 0 or not 0 <= index < 100_003:
@@ -39,7 +38,6 @@ def train_seed(run_seed: int, step: int, index: int) -> int:
 
 
 def eval_seed(i: int) -> int:
-    """The seed of evaluation game i."""
     return 2 * i + 1
 
 
@@ -263,7 +261,6 @@ class MatrixGame(Game):
         self.template = rng.choice(list(MATRIX_TEMPLATES[self.split]))
         self.correct = correct_actions(self.A, self.B, self.role)
         self.num_actions = len(self.A) if self.role == 1 else len(self.A[0])
-        self.choice = None
         return self
 
     def _prompt(self, seat):
@@ -283,8 +280,7 @@ class MatrixGame(Game):
         found = re.fullmatch(r"(?:action\s*)?(\d{1,3})\.?", move, re.IGNORECASE)
         if not found or not 1 <= int(found.group(1)) <= self.num_actions:
             return f"the answer must be an action number from 1 to {self.num_actions}"
-        self.choice = int(found.group(1)) - 1
-        self.base[0] = 1.0 if self.choice in self.correct else 0.0
+        self.base[0] = 1.0 if int(found.group(1)) - 1 in self.correct else 0.0
         self.to_move = None
 
     def _forfeit(self, seat):
@@ -351,7 +347,7 @@ class TicTacToe(Game):
 
     def __init__(self, split="train", max_tries=3, opponent: str = "random"):
         super().__init__(split, max_tries)
-        self.opponent, self.random_range = opponent, opponent_randomness(opponent)
+        self.random_range = opponent_randomness(opponent)
 
     def reset(self, seed):
         super().reset(seed)
@@ -534,7 +530,7 @@ def mentions(text: str, phrase: str) -> bool:
 
 def says_word(text: str, word: str) -> bool:
     """Does `text` contain the secret `word` (or its plural)?"""
-    return mentions(text, word) or mentions(text, word + "s") or mentions(text, word + "es")
+    return any(mentions(text, word + end) for end in ("", "s", "es"))
 
 
 
@@ -543,7 +539,7 @@ class Spy(Game):
     """Who's the Spy: 3 civilians share a word, the spy has its partner. Two rounds, one vote."""
     name, num_seats = "spy", 4
     ROUNDS = 2
-    # The speaking order; phase ROUNDS votes.
+    # The speaking order.
     TURNS = [(phase, s) for phase in range(ROUNDS + 1) for s in range(4)]
 
     def reset(self, seed):
@@ -608,8 +604,7 @@ class Spy(Game):
                 if r < self.ROUNDS and self.descriptions[r][s] is not None]
 
     def _prompt(self, seat):
-        """The rules and the seat's word in its first prompt; after that only what the others said
-        since its last turn: the conversation holds the rest."""
+        """The rules and the seat's word in its first prompt only: the conversation holds them."""
         head = ""
         if self.phase == 0:
             head = ("Who's the Spy. Four players: three share a word, the spy has a different one. "
@@ -672,18 +667,16 @@ class Spy(Game):
         return [(seat + d) % 4 for d in (1, 2, 3)]
 
     def random_replies(self, seat):
-        """A vote, or a description that is one attribute of the seat's word pair (its own word's,
-        the partner's or shared): what random play, and so the tiny model's warm start, says."""
+        """A vote, or a description that is one attribute of the seat's word pair
+        (pair_attributes): what random play, and so the tiny model's warm start, says."""
         if self.phase < self.ROUNDS:
             return [answer(a) for a in pair_attributes(PAIR_OF[self.words[seat]])]
         return self.legal_replies(seat)
 
 
 GAMES = {"matrix": MatrixGame, "tictactoe": TicTacToe, "spy": Spy}
-# Every choice a game lists at the end of a prompt (a cell, a vote, an action). Each is written the
-# same in the list and in the reply, so a tokenizer that makes each one token turns answering into
-# copying one token from the prompt's last line: the one skill that every game's valid replies need
-# (see policy.py).
+# Every choice a game lists at the end of a prompt (a cell, a vote, an action), written the same in
+# the list and in the reply: the tiny tokenizer makes each one token (policy.build_tiny_tokenizer).
 CHOICES = ([TicTacToe._cell(i) for i in range(9)] + [Spy._player(s) for s in range(4)]
            + [MatrixGame._action(a) for a in range(6)])
 

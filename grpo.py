@@ -113,9 +113,8 @@ def grpo_loss(logp, logp_old, logp_ref, advantages, mask, eps_low=0.2, eps_high=
 
 # ------------------------------------------------------------------------------- one GRPO step
 def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks) -> dict:
-    """plan -> play -> rewards -> advantages -> update -> log; returns the step's metrics (every
-    rank). Episode e of the step is game instance e // G, member e % G of its group, on every rank.
-    """
+    """Returns the step's metrics (every rank). Episode e of the step is game instance e // G,
+    member e % G of its group, on every rank."""
     started = time.time()
     G = args.group_size
     # 1. Plan: the step's B instances. This rank plays the block first..last - 1 of them, whole
@@ -136,8 +135,7 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
     causal = args.credit == "causal"
     summaries = ranks.concat([summary(g, batch, i, causal) for i, g in enumerate(episodes)])
     returns = torch.tensor([s["returns"] for s in summaries]).view(args.instances, G, -1)
-    # 4. Advantages per group and part, [B * G, parts]; groups whose returns are all equal are
-    # dropped (--baseline running: none).
+    # 4. Advantages per group and part, [B * G, parts], and the groups kept.
     if args.baseline == "running":
         roles = ranks.concat([role(g) for g in episodes])
         advantages, keep = running_advantages(returns, roles, totals["baselines"])
@@ -352,8 +350,7 @@ def setup(args, ranks):
         keep_lines_up_to(args.run_dir / "transcripts.jsonl", step, lambda t: t["meta"]["step"])
         if not args.resume:  # a fresh run in an old folder: its evaluation before is redone
             (args.run_dir / "before.json").unlink(missing_ok=True)
-        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        (args.run_dir / "config.json").write_text(json.dumps(config, indent=1))
+        (args.run_dir / "config.json").write_text(json.dumps(vars(args), indent=1, default=str))
     return learner, reference, opponent, optimizer, step, totals
 
 
@@ -368,9 +365,8 @@ def train_top_layers(model, n: int):
     if not 0 < n <= len(layers):
         raise SystemExit(f"grpo.py: --train-layers must be in 1..{len(layers)} for this model, "
                          f"got {n}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in [*layers[len(layers) - n:].parameters(), *model.get_decoder().norm.parameters()]:
+    model.requires_grad_(False)
+    for p in [*layers[-n:].parameters(), *model.get_decoder().norm.parameters()]:
         p.requires_grad_(True)
 
 
@@ -571,11 +567,9 @@ class Ranks:
         return [x for part in out for x in part]
 
     def sum(self, values: list[float]) -> list[float]:
-        """Each value summed over the ranks."""
         return self._reduce(values, dist.ReduceOp.SUM) if self.world > 1 else list(values)
 
     def max(self, value: float) -> float:
-        """The largest of the ranks' values."""
         return self._reduce([value], dist.ReduceOp.MAX)[0] if self.world > 1 else value
 
     def _reduce(self, values, op) -> list[float]:
@@ -584,8 +578,7 @@ class Ranks:
         return t.tolist()
 
     def sum_gradients(self, parameters):
-        """Sum each gradient over the ranks (a rank without episodes in a minibatch adds zeros):
-        with the loss divided by the whole step's token count, the sum is one process's gradient."""
+        """Sum each gradient over the ranks (a rank without episodes in a minibatch adds zeros)."""
         if self.world == 1:
             return
         for p in parameters:

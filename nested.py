@@ -25,7 +25,6 @@ NESTED_REWARDS = {"mean": lambda rs: sum(rs) / len(rs), "min": min}
 
 
 class NestedGame(games.Game):
-    """Several games played one after another by the same learner, in one conversation."""
     name = "nested"
 
     def __init__(self, names: list[str], split: str = "train", reward: str = "mean",
@@ -36,7 +35,7 @@ class NestedGame(games.Game):
         if not 2 <= len(names) <= 16:
             raise ValueError("a nested game chains 2 to 16 games")
         super().__init__(split)
-        self.names, self.reward_rule = list(names), reward
+        self.reward_rule = reward
         self.subgames = [games.make(n, split=split, **(options or {}).get(n, {})) for n in names]
         self.num_seats = max(g.num_seats for g in self.subgames)
 
@@ -77,10 +76,9 @@ class NestedGame(games.Game):
         return [NESTED_REWARDS[self.reward_rule](self.sub_rewards())] + [0.0] * (self.num_seats - 1)
 
     def returns_to_go(self) -> list[float]:
-        """Sub-game k's share of the mean return from k on: (1/K) sum_{j >= k} R_j. A reply in
-        sub-game k cannot change a sub-game already over, so crediting it with these instead of the
-        whole return drops terms whose expected gradient is zero (causality); normalised per part
-        in its group (grpo.py), each part weighs alike. The min does not split by sub-game."""
+        """Per sub-game k, (1/K) sum_{j >= k} R_j: the part of the mean return that a reply in
+        sub-game k can still change (causal credit drops terms whose expected gradient is zero);
+        normalised per part in its group (grpo.py), each part weighs alike."""
         if self.reward_rule != "mean":
             raise ValueError(f"causal credit needs the mean nested reward, not "
                              f"{self.reward_rule!r}")
@@ -139,7 +137,7 @@ def is_llm_opponent(spec: str) -> bool:
 
 def check_opponent(spec: str):
     """ValueError unless `spec` names an opponent: random, expert, eps:P[-Q], self or model:PATH."""
-    if (is_llm_opponent(spec) and spec != "model:") or spec in ("random", "expert"):
+    if is_llm_opponent(spec) and spec != "model:":
         return
     try:
         games.opponent_randomness(spec)
@@ -162,8 +160,7 @@ def make_game(name: str, split: str = "train", opponent: str = "random",
 def step_instances(names: list[str], mode: str, run_seed: int, step: int,
                    n: int) -> list[tuple[str, int]]:
     """The n (game name, seed) instances of a training step, a pure function of the run's seed and
-    the step (a resumed run replays the same games). nested: every instance chains all the games in
-    order; mixed: each instance is one game, drawn uniformly (so each GRPO group holds one game)."""
+    the step (a resumed run replays the same games)."""
     rng = random.Random(f"{run_seed}:{step}")
     chosen = [">".join(names) if mode == "nested" else rng.choice(names) for _ in range(n)]
     return [(name, games.train_seed(run_seed, step, i)) for i, name in enumerate(chosen)]
@@ -179,7 +176,7 @@ def results(episode: games.Game) -> list[tuple[str, str, int]]:
 def credit(episode: games.Game, causal: bool) -> tuple[list[int] | None, list[float]]:
     """What each learner reply of a finished episode is credited with: the part (sub-game) of each
     reply (None: all part 0) and each part's return, part 0's the learner's return. Causal credit
-    of a nested episode: sub-game k's return-to-go (returns_to_go); part 0's is the mean."""
+    of a nested episode: sub-game k's return-to-go (returns_to_go)."""
     if causal and isinstance(episode, NestedGame):
         return list(episode.learner_turns), episode.returns_to_go()
     return None, [episode.rewards[episode.learner_seat]]

@@ -55,8 +55,7 @@ TINY_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
 SFT_VERSION = 18  # bump when anything that shapes the tiny model or an SFT start changes
 
 
-# A fixed two-message history: what a chat template inserts for a new user message after an
-# assistant turn is read off its rendering after this history (see Policy.user_turn_ids).
+# A fixed history the chat template is rendered after (Policy._end_of_turn_id, user_turn_ids).
 REFERENCE_HISTORY = [{"role": "user", "content": "Reference question 7"},
                      {"role": "assistant", "content": "Reference reply 7"}]
 
@@ -78,14 +77,13 @@ class Policy:
         self.pad_id = tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = tokenizer.eos_token_id
-        template = tokenizer.chat_template or ""
-        switch = "enable_thinking" in template
+        switch = "enable_thinking" in (tokenizer.chat_template or "")
         self.template_options = {"enable_thinking": thinking} if switch else {}
         self.end_id = self._end_of_turn_id()
         self.end_text = tokenizer.convert_ids_to_tokens(self.end_id)
         config = getattr(model, "generation_config", None)
         eos = config.eos_token_id if config else None
-        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        eos = eos if isinstance(eos, list) else [eos]
         self.stop_ids = {self.end_id, tokenizer.eos_token_id, *eos} - {None}
         self.bf16_copy = None
         self.why = "as asked"  # load_policy says why it chose the precision
@@ -181,8 +179,7 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool = False, starts: list[int
     (row i's first at starts[i], default 0); right-padded, or left-padded to end together."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    pos = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask, pos = torch.zeros_like(ids), torch.zeros_like(ids)
     for i, s in enumerate(seqs):
         span = slice(width - len(s), width) if left else slice(0, len(s))
         start = starts[i] if starts else 0
@@ -312,8 +309,7 @@ class ChatBatch:
                 replies[r].append(token)
                 self._append(r, [token], 1, [logp])
                 if token in self.policy.stop_ids or step == max_new_tokens - 1:
-                    # The turn is over; an end-of-turn token the model did not choose is appended
-                    # untrained. The cache sees these tokens with the next turn.
+                    # The turn is over (close_reply); the cache sees its last tokens next turn.
                     closed, _ = self.policy.close_reply(replies[r])
                     self.pending[r] = closed[len(replies[r]) - 1:]
                     self._append(r, closed[len(replies[r]):])
@@ -339,7 +335,7 @@ class ChatBatch:
 def play(learner: Policy, episodes: list, keys: list, temperature: float = 1.0,
          max_new_tokens: int = 24, opponent: Policy | None = None) -> ChatBatch:
     """Play every game in `episodes` to the end, all at once; returns the learner's conversations
-    (row i is episode i, sampling from the random stream named by keys[i]). Each round, every
+    (row i is episode i, its stream named by keys[i]). Each round, every
     running episode waits on one seat: the learner's rows get their prompts and are answered in one
     batched call, then the opponent's. Seats other than the learner's are played by `opponent` (a
     Policy, whose conversation as seat s of episode i is its row i * seats + s) or, without one, by
@@ -383,11 +379,11 @@ def token_logprobs(policy: Policy, seqs: list[list[int]], mask: torch.Tensor | N
     `with_entropy`, also the entropy of each of those predictions."""
     logp, targets, where = vocab_logprobs(policy, seqs, mask, temperature)
     picked = logp.gather(-1, targets[:, None])[:, 0]
-    out = torch.zeros(where.shape, device=logp.device).masked_scatter(where, picked)
+    out = logp.new_zeros(where.shape).masked_scatter(where, picked)
     if not with_entropy:
         return out
     entropy = -(logp.exp() * logp).sum(-1)
-    return out, torch.zeros(where.shape, device=logp.device).masked_scatter(where, entropy)
+    return out, logp.new_zeros(where.shape).masked_scatter(where, entropy)
 
 
 def vocab_logprobs(policy: Policy, seqs: list[list[int]], mask: torch.Tensor | None = None,
@@ -556,7 +552,7 @@ def model_path(name_or_path: str) -> str:
 def load_policy(name_or_path: str = "tiny", device: str = "auto", precision: str = "auto",
                 thinking: bool = False, trust_remote_code: bool = False) -> Policy:
     """A model by name (see model_path) or a local folder (or an already-cached Hub model), loaded
-    with AutoModelForCausalLM / AutoTokenizer. Its weights are float32 whatever the precision."""
+    with AutoModelForCausalLM / AutoTokenizer."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -584,9 +580,9 @@ def load_policy(name_or_path: str = "tiny", device: str = "auto", precision: str
 
 
 def auto_precision(model) -> tuple[str, str]:
-    """bf16 where the hardware multiplies bf16 faster than float32, read off its features: a GPU
-    that has bf16, or a CPU with AMX or AVX512-BF16 units; float32 elsewhere, and for models
-    narrower than 512 (the tiny model's steps: no faster in bf16). Returns it and why."""
+    """bf16 where the hardware multiplies bf16 faster than float32 (read off its features) and the
+    model is at least 512 wide (the tiny model's steps: no faster in bf16); else float32. Returns it
+    and why."""
     if model.config.hidden_size < 512:
         return "fp32", "auto: a model this narrow gains nothing from bf16"
     if model.device.type == "cuda":
