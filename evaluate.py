@@ -267,8 +267,8 @@ def benchmark_score(policy, items: list[dict]) -> dict:
     correct = [int(pick([s / len(c) for s, c in zip(ll, item["continuations"])]) == item["gold"])
                for ll, item in zip(logliks, items)]
     raw = sum(pick(ll) == item["gold"] for ll, item in zip(logliks, items))
-    return {"accuracy": sum(correct) / len(items), "ci": wilson(sum(correct), len(items)),
-            "raw": raw / len(items), "n": len(items), "hits": correct}
+    return {"accuracy": sum(correct) / len(items), "raw": raw / len(items), "n": len(items),
+            "accuracy_ci": wilson(sum(correct), len(items)), "hits": correct}
 
 
 # -------------------------------------------------------------------- comparing training runs
@@ -279,29 +279,50 @@ def arm_of(run_dir: Path) -> str:
 
 def comparison_table(results: dict[str, list[dict]], names) -> str:
     """Rows: arms; cells: each game's win rate on the train and the held-out split, the mean over
-    the arm's runs (seeds) with their standard deviation."""
+    the arm's runs (seeds) with their standard deviation and, for later arms, the paired change of
+    that mean against the first arm's on the same games."""
     head = "| trained on | runs | " + " | ".join(f"{n} (train) | {n} (test)" for n in names) + " |"
-    lines = [head, "|---" * (2 + 2 * len(names)) + "|"]
+    lines, first = [head, "|---" * (2 + 2 * len(names)) + "|"], None
     for arm, runs in results.items():
-        cells = []
+        cells, hits = [], {}
         for name in names:
             for split in ("train", "test"):
-                wins = [100 * r[split][name]["win"] for r in runs]
+                rows = [r[split][name] for r in runs]
+                wins = [100 * r["win"] for r in rows]
                 spread = f" ± {statistics.stdev(wins):.1f}" if len(wins) > 1 else ""
-                cells.append(f"{statistics.mean(wins):.1f}{spread}")
+                mean = hits[name, split] = {"hits": [statistics.mean(h)
+                                                     for h in zip(*(r["hits"] for r in rows))]}
+                change = f" ({paired_change(first[name, split], mean)})" if first else ""
+                cells.append(f"{statistics.mean(wins):.1f}{spread}{change}")
+        first = first or hits
         lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def compare_runs(run_dirs: list[Path], names, n: int, start: str | None) -> tuple[str, dict]:
-    """Every run's checkpoint scored on every game (and the model they started from), by arm."""
+def compare_runs(run_dirs: list[Path], names, n: int, start: str | None,
+                 saved: Path) -> tuple[str, dict]:
+    """Every run's checkpoint scored on every game (and the model they started from), by arm; each
+    model's scores kept in `saved` (resumable)."""
     results = {}
     models = [("start (before GRPO)", start)] if start else []
     for arm, path in models + [(arm_of(d), str(d / "checkpoint")) for d in run_dirs]:
-        policy = load_policy(path)
-        scores = {split: score(policy, names, n, split) for split in ("train", "test")}
+        scores = resumable(saved, path, f"{','.join(names)} x {n}", lambda policy: {
+            split: score(policy, names, n, split) for split in ("train", "test")})
         results.setdefault(arm, []).append(scores)
     return comparison_table(results, names), results
+
+
+def resumable(path: Path, model: str, what: str, compute):
+    """A long evaluation survives a crash: each model's results go to the JSON file `path` once
+    computed (`compute(policy)`), and the same command run again reads them back. A folder's key
+    holds the time its weights were written: a run trained further is scored again."""
+    weights = sorted(Path(model).glob("*.safetensors"))
+    key = f"{model} of {time.ctime(weights[0].stat().st_mtime) if weights else '-'}: {what}"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if key not in saved:
+        saved[key] = compute(load_policy(model))
+        path.write_text(json.dumps(saved, indent=1))
+    return saved[key]
 
 
 def arm_curves(run_dirs: list[Path], bins: int | None = None) -> dict[str, dict[str, list]]:
@@ -439,7 +460,7 @@ def main(argv=None):
         print(f"{args.model}: {sum(p.numel() for p in policy.model.parameters()):,} parameters")
         bench(policy)
     elif args.benchmark:
-        write(benchmarks(args), args.out or "benchmarks.json")
+        benchmarks(args, Path(args.out or "benchmarks.json"))
     else:
         try:
             names = game_names(args.games)
@@ -452,10 +473,10 @@ def main(argv=None):
                 if not (Path(run) / "checkpoint").is_dir():
                     parser.error(f"no checkpoint in {run}")
             config = json.loads((Path(args.compare[0]) / "config.json").read_text())
-            table, results = compare_runs([Path(r) for r in args.compare], names, args.n,
-                                          config.get("start_model"))
-            print(table)
-            write(results, args.out or Path(args.compare[0]).parent / "comparison.json")
+            saved = Path(args.out or Path(args.compare[0]).parent / "comparison.json")
+            print(compare_runs([Path(r) for r in args.compare], names, args.n,
+                               config.get("start_model"), saved)[0])
+            print(f"each model's scores in {saved}")
             return
         results = {}
         for model in args.model.split(","):
@@ -464,29 +485,30 @@ def main(argv=None):
                 row = evaluate_model(policy, names, args.n, split, args.temperature)
                 results[f"{model} ({split})"] = row
         print(results_table(results))
-        write(results, args.out or "eval.json")
+        Path(args.out or "eval.json").write_text(json.dumps(results, indent=1))
 
 
-def benchmarks(args) -> dict:
-    """--benchmark: every model on the same items of each benchmark, the table printed."""
+def benchmarks(args, saved: Path) -> dict:
+    """--benchmark: every model on the same items of each benchmark, the table printed; each
+    model's scores kept in `saved` (resumable)."""
     names = TRANSFER.split(",") if args.benchmark == "transfer" else args.benchmark.split(",")
     # Every benchmark's items first: a bad name fails at once.
     items = {name: subset(benchmark_items(name), args.items) for name in names}
     results = {}
     for model in args.model.split(","):
-        policy, results[model] = load_policy(model), {}
-        for name, questions in items.items():
-            began = time.perf_counter()
-            r = results[model][name] = benchmark_score(policy, questions)
-            print(f"{model} {name}: {with_ci(r, 'accuracy')} per char, {r['raw']:.1%} raw, "
-                  f"{r['n']} items, {time.perf_counter() - began:.0f} s", file=sys.stderr)
+        def every_benchmark(policy):
+            scores = {}
+            for name, questions in items.items():
+                began = time.perf_counter()
+                r = scores[name] = benchmark_score(policy, questions)
+                print(f"{model} {name}: {with_ci(r, 'accuracy')} per char, {r['raw']:.1%} raw, "
+                      f"{r['n']} items, {time.perf_counter() - began:.0f} s", file=sys.stderr)
+            return scores
+        results[model] = resumable(saved, model, f"{','.join(names)} x {args.items}",
+                                   every_benchmark)
     print(models_table(results, lambda r: with_ci(r, "accuracy")))
+    print(f"each model's scores in {saved}")
     return results
-
-
-def write(results: dict, path):
-    Path(path).write_text(json.dumps(results, indent=1))
-    print(f"results written to {path}")
 
 
 if __name__ == "__main__":

@@ -1432,12 +1432,15 @@ def test_loss_weighs_every_token_of_the_step_equally_across_minibatches(tiny):
 # =================================================================================================
 # evaluate
 def test_comparison_table_has_a_row_per_arm_with_the_mean_and_spread_over_its_seeds():
-    result = lambda m, t: {
-        "train": {"matrix": {"win": m}, "spy": {"win": t}},
-        "test": {"matrix": {"win": m / 2}, "spy": {"win": t / 2}},
-    }
+    def result(m, t):  # games won of 4: m (matrix) and t (spy), halved (rounded down) on test
+        row = lambda k: {"win": k / 4, "hits": [1] * k + [0] * (4 - k)}
+        return {
+            "train": {"matrix": row(m), "spy": row(t)},
+            "test": {"matrix": row(m // 2), "spy": row(t // 2)},
+        }
+
     table = evaluate.comparison_table(
-        {"start": [result(0.5, 0.2)], "nested": [result(0.8, 0.4), result(0.6, 0.2)]},
+        {"start": [result(2, 1)], "nested": [result(4, 2), result(2, 1)]},
         ["matrix", "spy"],
     )
     lines = table.splitlines()
@@ -1445,9 +1448,13 @@ def test_comparison_table_has_a_row_per_arm_with_the_mean_and_spread_over_its_se
         lines[0]
         == "| trained on | runs | matrix (train) | matrix (test) | spy (train) | spy (test) |"
     )
-    assert lines[2] == "| start | 1 | 50.0 | 25.0 | 20.0 | 10.0 |"
-    # 80 and 60: mean 70, sample standard deviation sqrt(200) = 14.1; halved: 35 and 7.1
-    assert lines[3] == "| nested | 2 | 70.0 ± 14.1 | 35.0 ± 7.1 | 30.0 ± 14.1 | 15.0 ± 7.1 |"
+    assert lines[2] == "| start | 1 | 50.0 | 25.0 | 25.0 | 0.0 |"
+    # 100 and 50: mean 75, sample standard deviation sqrt(1250) = 35.4. Paired against the start,
+    # per game the mean over seeds minus the start: matrix (train) 1, 1, 0.5, 0.5 minus 1, 1, 0, 0
+    # gives d = 0, 0, 0.5, 0.5: mean 0.25, sd 0.2887, half width 1.96 * 0.2887 / 2 = 0.2829
+    cells = lines[3].split(" | ")
+    assert cells[:3] == ["| nested", "2", "75.0 ± 35.4 (+25.0 [-3.3, +53.3])"]
+    assert cells[4] == "37.5 ± 17.7 (+12.5 [-12.0, +37.0])"  # spy (train): 0.5 and 0.25 on 4
     assert evaluate.arm_of(Path("runs/compare/nested-min-seed12")) == "nested-min"
 
 
@@ -1490,30 +1497,34 @@ def test_bench_samples_every_token_it_times(warm, capsys):
     assert "rollout x" in capsys.readouterr().out
 
 
-def test_compare_scores_each_runs_checkpoint_and_the_start_by_arm(warm, tmp_path, capsys):
+def test_compare_scores_each_model_once_and_again_when_its_weights_change(
+    warm, tmp_path, capsys, monkeypatch
+):
+    runs = []
     for seed in (0, 1):
         run = tmp_path / f"mixed-seed{seed}"
         policy_lib.save_atomic(warm.model, warm.tokenizer, run / "checkpoint")
         (run / "config.json").write_text(json.dumps({"start_model": warm.name}))
-    evaluate.main(
-        [
-            "--compare",
-            str(tmp_path / "mixed-seed0"),
-            str(tmp_path / "mixed-seed1"),
-            "--games",
-            "matrix",
-            "--n",
-            "6",
-        ]
-    )
+        runs.append(str(run))
+    argv = ["--compare", *runs, "--games", "matrix", "--n", "6"]
+    evaluate.main(argv)
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].startswith("| start (before GRPO) | 1 |") and lines[3].startswith(
         "| mixed | 2 |"
     )
-    results = json.loads((tmp_path / "comparison.json").read_text())
-    # the same model three times: the same greedy games on both splits, no spread over seeds
-    assert results["mixed"][0] == results["mixed"][1] == results["start (before GRPO)"][0]
-    assert lines[3].count("± 0.0") == 2
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    # the same model three times: the same greedy games on both splits, no spread, no change
+    assert len(saved) == 3 and len({json.dumps(scores) for scores in saved.values()}) == 1
+    assert lines[3].count("± 0.0 (+0.0 [+0.0, +0.0])") == 2
+    # The same command again reads every model's scores back, loading no model...
+    loaded = []
+    monkeypatch.setattr(evaluate, "load_policy", lambda model: loaded.append(model) or warm)
+    evaluate.main(argv)
+    assert loaded == [] and capsys.readouterr().out.splitlines()[:4] == lines[:4]
+    # ...until a checkpoint's weights are written again (a run trained further)
+    os.utime(next(Path(runs[1], "checkpoint").glob("*.safetensors")), (0, 0))
+    evaluate.main(argv)
+    assert loaded == [str(Path(runs[1], "checkpoint"))]
 
 
 def test_wilson_interval_matches_known_values():
@@ -1620,6 +1631,30 @@ def test_benchmark_score_normalises_per_character_and_pairs_changes_by_hand(monk
         evaluate.subset(list(range(5)), 10) == list(range(5))
         and len(set(evaluate.subset(list(range(100)), 10))) == 10
     )
+
+
+def test_benchmarks_keep_each_models_scores_and_read_them_back(
+    warm, tmp_path, monkeypatch, capsys
+):
+    questions = tmp_path / "two.jsonl"
+    questions.write_text(
+        "".join(
+            json.dumps({"query": f"Question: {q}?\nAnswer:", "choices": ["yes", "no"], "gold": g})
+            + "\n"
+            for q, g in (("Red", 0), ("Blue", 1))
+        )
+    )
+    loaded = []
+    monkeypatch.setattr(evaluate, "load_policy", lambda model: loaded.append(model) or warm)
+    out = str(tmp_path / "b.json")
+    argv = ["--model", "tiny,other", "--benchmark", str(questions), "--out", out]
+    evaluate.main(argv)
+    table = capsys.readouterr().out
+    assert loaded == ["tiny", "other"] and "(+0.0 [+0.0, +0.0])" in table  # one model, twice
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert sorted(saved) == [f"other of -: {questions} x 500", f"tiny of -: {questions} x 500"]
+    evaluate.main(argv)  # again: read back, no model loaded
+    assert loaded == ["tiny", "other"] and capsys.readouterr().out == table
 
 
 def test_benchmarks_missing_package_is_one_line_with_the_install_command(monkeypatch, capsys):
