@@ -299,8 +299,7 @@ def comparison_table(results: dict[str, list[dict]], names) -> str:
     return "\n".join(lines)
 
 
-def compare_runs(run_dirs: list[Path], names, n: int, start: str | None,
-                 saved: Path) -> tuple[str, dict]:
+def compare_runs(run_dirs: list[Path], names, n: int, start: str | None, saved: Path) -> str:
     """Every run's checkpoint scored on every game (and the model they started from), by arm; each
     model's scores kept in `saved` (resumable)."""
     results = {}
@@ -309,7 +308,7 @@ def compare_runs(run_dirs: list[Path], names, n: int, start: str | None,
         scores = resumable(saved, path, f"{','.join(names)} x {n}", lambda policy: {
             split: score(policy, names, n, split) for split in ("train", "test")})
         results.setdefault(arm, []).append(scores)
-    return comparison_table(results, names), results
+    return comparison_table(results, names)
 
 
 def resumable(path: Path, model: str, what: str, compute):
@@ -475,7 +474,7 @@ def main(argv=None):
             config = json.loads((Path(args.compare[0]) / "config.json").read_text())
             saved = Path(args.out or Path(args.compare[0]).parent / "comparison.json")
             print(compare_runs([Path(r) for r in args.compare], names, args.n,
-                               config.get("start_model"), saved)[0])
+                               config.get("start_model"), saved))
             print(f"each model's scores in {saved}")
             return
         results = {}
@@ -485,10 +484,12 @@ def main(argv=None):
                 row = evaluate_model(policy, names, args.n, split, args.temperature)
                 results[f"{model} ({split})"] = row
         print(results_table(results))
-        Path(args.out or "eval.json").write_text(json.dumps(results, indent=1))
+        out = Path(args.out or "eval.json")
+        out.write_text(json.dumps(results, indent=1))
+        print(f"results in {out}")
 
 
-def benchmarks(args, saved: Path) -> dict:
+def benchmarks(args, saved: Path):
     """--benchmark: every model on the same items of each benchmark, the table printed; each
     model's scores kept in `saved` (resumable)."""
     names = TRANSFER.split(",") if args.benchmark == "transfer" else args.benchmark.split(",")
@@ -508,7 +509,6 @@ def benchmarks(args, saved: Path) -> dict:
                                    every_benchmark)
     print(models_table(results, lambda r: with_ci(r, "accuracy")))
     print(f"each model's scores in {saved}")
-    return results
 
 
 if __name__ == "__main__":
