@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from games import eval_seed, game_names, make
 from nested import make_game
-from policy import ChatBatch, Policy, exit_missing, load_policy, pad, play, token_logprobs
+from policy import (ChatBatch, Policy, exit_missing, load_policy, model_path, pad, play,
+                    token_logprobs)
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -314,8 +315,9 @@ def compare_runs(run_dirs: list[Path], names, n: int, start: str | None, saved: 
 def resumable(path: Path, model: str, what: str, compute):
     """A long evaluation survives a crash: each model's results go to the JSON file `path` once
     computed (`compute(policy)`), and the same command run again reads them back. A folder's key
-    holds the time its weights were written: a run trained further is scored again."""
-    weights = sorted(Path(model).glob("*.safetensors"))
+    holds the time its weights were written: a run trained further, or a named model rebuilt
+    (model_path), is scored again."""
+    weights = sorted(Path(model_path(model)).glob("*.safetensors"))
     key = f"{model} of {time.ctime(weights[0].stat().st_mtime) if weights else '-'}: {what}"
     saved = json.loads(path.read_text()) if path.exists() else {}
     if key not in saved:
