@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from games import eval_seed, game_names, make
+from games import GAMES, eval_seed, game_names, make
 from nested import make_game
 from policy import (ChatBatch, Policy, exit_missing, load_policy, model_path, pad, play,
                     token_logprobs)
@@ -279,22 +279,22 @@ def arm_of(run_dir: Path) -> str:
 
 
 def comparison_table(results: dict[str, list[dict]], names) -> str:
-    """Rows: arms; cells: each game's win rate on the train and the held-out split, the mean over
+    """Rows: arms; cells: each game's win rate on the train and any held-out split, the mean over
     the arm's runs (seeds) with their standard deviation and, for later arms, the paired change of
     that mean against the first arm's on the same games."""
-    head = "| trained on | runs | " + " | ".join(f"{n} (train) | {n} (test)" for n in names) + " |"
-    lines, first = [head, "|---" * (2 + 2 * len(names)) + "|"], None
+    columns = [(g, s) for g in names for s in ("train", "test")[:1 + GAMES[g].held_out]]
+    head = "| trained on | runs | " + " | ".join(f"{n} ({s})" for n, s in columns) + " |"
+    lines, first = [head, "|---" * (2 + len(columns)) + "|"], None
     for arm, runs in results.items():
         cells, hits = [], {}
-        for name in names:
-            for split in ("train", "test"):
-                rows = [r[split][name] for r in runs]
-                wins = [100 * r["win"] for r in rows]
-                spread = f" ± {statistics.stdev(wins):.1f}" if len(wins) > 1 else ""
-                mean = hits[name, split] = {"hits": [statistics.mean(h)
-                                                     for h in zip(*(r["hits"] for r in rows))]}
-                change = f" ({paired_change(first[name, split], mean)})" if first else ""
-                cells.append(f"{statistics.mean(wins):.1f}{spread}{change}")
+        for name, split in columns:
+            rows = [r[split][name] for r in runs]
+            wins = [100 * r["win"] for r in rows]
+            spread = f" ± {statistics.stdev(wins):.1f}" if len(wins) > 1 else ""
+            mean = hits[name, split] = {"hits": [statistics.mean(h)
+                                                 for h in zip(*(r["hits"] for r in rows))]}
+            change = f" ({paired_change(first[name, split], mean)})" if first else ""
+            cells.append(f"{statistics.mean(wins):.1f}{spread}{change}")
         first = first or hits
         lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -305,9 +305,10 @@ def compare_runs(run_dirs: list[Path], names, n: int, start: str | None, saved: 
     model's scores kept in `saved` (resumable)."""
     results = {}
     models = [("start (before GRPO)", start)] if start else []
+    held_out = [name for name in names if GAMES[name].held_out]
     for arm, path in models + [(arm_of(d), str(d / "checkpoint")) for d in run_dirs]:
         scores = resumable(saved, path, f"{','.join(names)} x {n}", lambda policy: {
-            split: score(policy, names, n, split) for split in ("train", "test")})
+            "train": score(policy, names, n), "test": score(policy, held_out, n, "test")})
         results.setdefault(arm, []).append(scores)
     return comparison_table(results, names)
 

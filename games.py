@@ -60,6 +60,7 @@ class Game:
     """Shared bookkeeping: turn order, invalid replies, penalties, forfeits, rewards."""
     name = "game"
     num_seats = 1
+    held_out = True  # a "test" split of variants that training never sees
 
     def __init__(self, split: str = "train", max_tries: int = 3):
         if split not in ("train", "test"):
@@ -343,7 +344,7 @@ def opponent_randomness(spec: str) -> tuple[float, float]:
 
 class TicTacToe(Game):
     """3x3 TicTacToe. Marks (X/O), who moves first and the learner's seat are drawn at reset."""
-    name, num_seats = "tictactoe", 2
+    name, num_seats, held_out = "tictactoe", 2, False  # one board, no variants
 
     def __init__(self, split="train", max_tries=3, opponent: str = "random"):
         super().__init__(split, max_tries)

@@ -1435,27 +1435,27 @@ def test_loss_weighs_every_token_of_the_step_equally_across_minibatches(tiny):
 def test_comparison_table_has_a_row_per_arm_with_the_mean_and_spread_over_its_seeds():
     def result(m, t):  # games won of 4: m (matrix) and t (spy), halved (rounded down) on test
         row = lambda k: {"win": k / 4, "hits": [1] * k + [0] * (4 - k)}
-        return {
-            "train": {"matrix": row(m), "spy": row(t)},
+        return {  # TicTacToe has no held-out split (one column), won 3 of 4
+            "train": {"matrix": row(m), "tictactoe": row(3), "spy": row(t)},
             "test": {"matrix": row(m // 2), "spy": row(t // 2)},
         }
 
     table = evaluate.comparison_table(
         {"start": [result(2, 1)], "nested": [result(4, 2), result(2, 1)]},
-        ["matrix", "spy"],
+        ["matrix", "tictactoe", "spy"],
     )
     lines = table.splitlines()
-    assert (
-        lines[0]
-        == "| trained on | runs | matrix (train) | matrix (test) | spy (train) | spy (test) |"
-    )
-    assert lines[2] == "| start | 1 | 50.0 | 25.0 | 25.0 | 0.0 |"
+    assert lines[0] == ("| trained on | runs | matrix (train) | matrix (test) | tictactoe (train) "
+                        "| spy (train) | spy (test) |")
+    assert lines[1] == "|---" * 7 + "|"
+    assert lines[2] == "| start | 1 | 50.0 | 25.0 | 75.0 | 25.0 | 0.0 |"
     # 100 and 50: mean 75, sample standard deviation sqrt(1250) = 35.4. Paired against the start,
     # per game the mean over seeds minus the start: matrix (train) 1, 1, 0.5, 0.5 minus 1, 1, 0, 0
     # gives d = 0, 0, 0.5, 0.5: mean 0.25, sd 0.2887, half width 1.96 * 0.2887 / 2 = 0.2829
     cells = lines[3].split(" | ")
     assert cells[:3] == ["| nested", "2", "75.0 ± 35.4 (+25.0 [-3.3, +53.3])"]
-    assert cells[4] == "37.5 ± 17.7 (+12.5 [-12.0, +37.0])"  # spy (train): 0.5 and 0.25 on 4
+    assert cells[4] == "75.0 ± 0.0 (+0.0 [+0.0, +0.0])"  # tictactoe: the same 3 games won
+    assert cells[5] == "37.5 ± 17.7 (+12.5 [-12.0, +37.0])"  # spy (train): 0.5 and 0.25 on 4
     assert evaluate.arm_of(Path("runs/compare/nested-min-seed12")) == "nested-min"
 
 
