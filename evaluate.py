@@ -99,7 +99,6 @@ def summarize(name: str, played: list[dict]) -> dict:
 
 def score(policy, names, n: int, split: str = "train", opponent: str = "random",
           temperature: float = 0.0, first: int = 0) -> dict[str, dict]:
-    """Evaluation games first .. first + n - 1 of each game: {game: summarize(...)}."""
     indices = range(first, first + n)
     return {name: summarize(name, play_games(policy, name, indices, split, opponent, temperature))
             for name in names}
@@ -160,7 +159,6 @@ def models_table(results: dict[str, dict[str, dict]], cell) -> str:
 
 
 def results_table(results: dict[str, dict[str, dict]]) -> str:
-    """Game scores: win rate [95% CI] and the rate of invalid replies."""
     return models_table(results, lambda r: f"{with_ci(r)} inv {r['invalid']:.1%}")
 
 
@@ -484,8 +482,8 @@ def main(argv=None):
         for model in args.model.split(","):
             policy = load_policy(model)
             for split in (["train", "test"] if args.split == "both" else [args.split]):
-                row = evaluate_model(policy, names, args.n, split, args.temperature)
-                results[f"{model} ({split})"] = row
+                results[f"{model} ({split})"] = evaluate_model(policy, names, args.n, split,
+                                                               args.temperature)
         print(results_table(results))
         out = Path(args.out or "eval.json")
         out.write_text(json.dumps(results, indent=1))
@@ -495,7 +493,7 @@ def main(argv=None):
 def benchmarks(args, saved: Path):
     """--benchmark: every model on the same items of each benchmark, the table printed; each
     model's scores kept in `saved` (resumable)."""
-    names = TRANSFER.split(",") if args.benchmark == "transfer" else args.benchmark.split(",")
+    names = (TRANSFER if args.benchmark == "transfer" else args.benchmark).split(",")
     # Every benchmark's items first: a bad name fails at once.
     items = {name: subset(benchmark_items(name), args.items) for name in names}
     results = {}

