@@ -2049,8 +2049,8 @@ def test_training_run_logs_checkpoints_and_resumes_exactly(warm, tmp_path):
     # With one minibatch the KL is taken before the step's update: zero where the reference is
     # the policy (the start, and the reset before step 3), above zero after an update without one.
     kl = [m["kl"] for m in full]
-    assert kl[0] == pytest.approx(0, abs=1e-6) and kl[2] == pytest.approx(0, abs=1e-6)
-    assert kl[1] > 1e-5
+    assert kl[0] == pytest.approx(0, abs=1e-7) and kl[2] == pytest.approx(0, abs=1e-7)
+    assert kl[1] > 2e-6  # 2.5e-5 measured; the reset steps' were exactly 0
     assert [m["step"] for m in full] == [1, 2, 3]
     for key in (
         "reward",
