@@ -71,12 +71,10 @@ def play_games(policy, name: str, indices, split: str = "train", opponent: str =
         batch = play(policy, chunk, [g.seed for g in chunk], temperature, max_new_tokens)
         for row, g in enumerate(chunk):
             turns[g.seed] = batch.turns(row)
-    played = []
-    for g in episodes:
-        roles = getattr(g, "roles", [None] * g.num_seats)  # Spy, TicTacToe
-        played.append({"outcome": g.outcome(g.learner_seat), "invalid": g.invalid[g.learner_seat],
-                       "turns": turns[g.seed], "role": roles[g.learner_seat]})
-    return played
+    return [{"outcome": g.outcome(g.learner_seat), "invalid": g.invalid[g.learner_seat],
+             "turns": turns[g.seed],
+             "role": getattr(g, "roles", [None] * g.num_seats)[g.learner_seat]}  # Spy, TicTacToe
+            for g in episodes]
 
 
 def summarize(name: str, played: list[dict]) -> dict:

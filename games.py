@@ -647,7 +647,7 @@ class Spy(Game):
         # A likely spy believes the majority has the partner word: the least consistent with it is a
         # civilian who looks odd to the others; either way, vote for the lowest score under the
         # believed majority word.
-        key = (lambda s: -evidence[s]) if think_spy else (lambda s: evidence[s])
+        key = lambda s: -evidence[s] if think_spy else evidence[s]
         lowest = min(key(s) for s in others)
         suspects = [s for s in others if key(s) == lowest]
         return answer(self._player(self.opponent_rng.choice(suspects)))

@@ -112,6 +112,14 @@ def grpo_loss(logp, logp_old, logp_ref, advantages, mask, eps_low=0.2, eps_high=
     return loss, {"kl": k3, "clipped": clipped.float(), "ratio": ratio}
 
 
+def draw_per_episode(episodes, keys):
+    """Reseed the other seats' draws by episode, not instance: a deterministic policy's group
+    then meets different opponent moves, so it keeps a spread and is not a fixed point."""
+    for g, (_, k) in zip(episodes, keys):
+        for sub in getattr(g, "subgames", [g]):
+            sub.opponent_rng.seed(f"{sub.seed}:players:{k}")
+
+
 # ------------------------------------------------------------------------------- one GRPO step
 def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks) -> dict:
     """Returns the step's metrics (every rank). Episode e of the step is game instance e // G,
@@ -128,6 +136,8 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
     # 2. Play. Each episode samples from its own stream, named by its instance and its place in the
     # group.
     keys = [(seed, k) for _, seed in mine for k in range(G)]
+    if args.episode_draws:
+        draw_per_episode(episodes, keys)
     batch = policy_lib.play(learner, episodes, keys, args.temperature, args.max_new_tokens,
                             opponent)
     rollout_s = time.time() - started
@@ -150,11 +160,9 @@ def grpo_step(args, step, learner, reference, opponent, optimizer, totals, ranks
     if kept:
         plan = plan_minibatches({e: summaries[e]["length"] for e in kept}, args.minibatches,
                                 f"{args.seed}:{step}")
-        own = {}
-        for e in kept:
-            if first * G <= e < last * G:
-                reply_advantages = [float(advantages[e, part]) for part in summaries[e]["parts"]]
-                own[e] = training_episode(batch, e - first * G, reply_advantages)
+        own = {e: training_episode(batch, e - first * G,
+                                   [float(advantages[e, part]) for part in summaries[e]["parts"]])
+               for e in kept if first * G <= e < last * G}
         minibatches = [[own[e] for e in chunk if e in own] for chunk in plan]
         tokens_per_minibatch = sum(summaries[e]["tokens"] for e in kept) / len(plan)
         logs = update(learner, reference, optimizer, minibatches, tokens_per_minibatch, ranks, args)
@@ -464,6 +472,8 @@ def parse_args(argv=None):
     add("--opponent", default="random", help="other seats: TicTacToe's scripted player, random | "
         "expert | eps:P (random with probability P) | eps:P-Q (P drawn per game); or self (a "
         "frozen copy of the learner) | model:PATH, which play every other seat of every game")
+    add("--episode-draws", action="store_true", help="scripted and random players draw per "
+        "episode (default: per instance, the same for a group's episodes)")
     add("--self-refresh", type=int, default=10, help="with --opponent self: refresh every K steps")
     # How much
     add("--steps", type=int, default=None,

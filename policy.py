@@ -230,11 +230,9 @@ class ChatBatch:
     def __init__(self, policy: Policy, keys: list):
         n_rows = len(keys)
         self.policy, self.n, self.model = policy, n_rows, policy.sampler()
-        self.ids = [[] for _ in range(n_rows)]
-        self.sampled = [[] for _ in range(n_rows)]
-        self.logprobs = [[] for _ in range(n_rows)]
-        self.messages = [[] for _ in range(n_rows)]
-        self.pending = [[] for _ in range(n_rows)]  # conversation tokens the cache has not seen yet
+        # Per row; `pending`: conversation tokens the cache has not seen yet.
+        self.ids, self.sampled, self.logprobs, self.messages, self.pending = (
+            [[] for _ in range(n_rows)] for _ in range(5))
         self.slot = list(range(n_rows))              # row -> row of the cache, None once dropped
         self.cache, self.mask = None, None
         self.seen = [0] * n_rows                     # real tokens a row has in the cache
@@ -244,7 +242,7 @@ class ChatBatch:
     def _append(self, row, ids, sampled=0, logprobs=None):
         self.ids[row] += ids
         self.sampled[row] += [sampled] * len(ids)
-        self.logprobs[row] += logprobs if logprobs is not None else [0.0] * len(ids)
+        self.logprobs[row] += logprobs or [0.0] * len(ids)
 
     def add_user(self, row: int, text: str):
         chunk = self.policy.user_turn_ids(text, first=not self.messages[row])
@@ -849,23 +847,22 @@ def main(argv=None):
     p = sub.add_parser("warmstart", help="build and warm-start the tiny model (cached)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the weights, the transcripts and the SFT order")
+    p.set_defaults(model="tiny")
     p = sub.add_parser("format-sft", help="random-legal transcripts, then SFT on them (cached): "
                                           "the answer format for a chat model that lacks it")
     p.add_argument("--model", default="smollm2", help="'smollm2' or a local model folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the transcripts and the SFT order")
     p = sub.add_parser("sft", help="SFT on a chat JSONL file ({'messages': [...]} a line)")
-    p.add_argument("--model", default="tiny", help="'tiny' or a local model folder")
-    p.add_argument("--data", required=True,
-                   help="JSONL transcripts in the Hugging Face conversational format")
-    p.add_argument("--out", required=True, help="folder to save the fine-tuned model to")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    p.add_argument("--batch-size", type=int, default=8, help="conversations per step")
+    add = p.add_argument
+    add("--model", default="tiny", help="'tiny' or a local model folder")
+    add("--data", required=True, help="JSONL transcripts in the Hugging Face conversational format")
+    add("--out", required=True, help="folder to save the fine-tuned model to")
+    add("--epochs", type=float, default=1.0, help="passes over the data")
+    add("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    add("--batch-size", type=int, default=8, help="conversations per step")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    if args.command == "warmstart":
-        print(sft_start("tiny", seed=args.seed))
-    elif args.command == "format-sft":
+    if args.command != "sft":  # warmstart or format-sft
         print(sft_start(args.model, seed=args.seed))
     else:
         if not Path(args.data).is_file():

@@ -1114,6 +1114,23 @@ def test_running_baseline_by_hand():
     assert grpo.role(games.make("spy").reset(3)) in ("spy:spy", "spy:civilian")
 
 
+def test_episode_draws_give_a_fixed_policys_group_different_opponents():
+    def boards(draws, seed=4):  # a group of 8; the learner always takes the last free cell
+        played = []
+        for k in range(8):
+            g = nested.make_game("tictactoe", "train", "random").reset(seed)
+            if draws:
+                grpo.draw_per_episode([g], [(seed, k)])
+            while not g.done:
+                s = g.to_move
+                g.step(s, g.legal_replies(s)[-1] if s == g.learner_seat else g.scripted_reply(s))
+            played.append("".join(g.board))
+        return played
+
+    assert len(set(boards(False))) == 1  # one game eight times: no spread to learn from
+    assert len(set(boards(True))) >= 4 and boards(True) == boards(True)
+
+
 def test_an_entropy_bonus_spreads_the_predictions_out(tiny):
     learner = policy_lib.Policy(copy.deepcopy(tiny.model), tiny.tokenizer, "learner")
     batch = _multi_turn(learner)
